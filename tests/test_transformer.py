@@ -1,0 +1,194 @@
+"""The transformer against diffusers' Flux2Transformer2DModel on tiny random weights (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2KVAttnProcessor,
+    Flux2KVParallelSelfAttnProcessor,
+)
+from tiny import grid_ids, text_ids, tiny_diffusers_transformer
+
+from fluxforge.config import TransformerConfig
+from fluxforge.model.transformer import Flux2Transformer
+
+TOL = 1e-5
+
+
+def ours_from(ref) -> Flux2Transformer:
+    with torch.device("meta"):
+        model = Flux2Transformer(TransformerConfig.from_dict(dict(ref.config)))
+    model.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    return model.eval()
+
+
+def inputs(batch: int, refs: int = 0, seed: int = 1, n_txt: int = 7):
+    """Noisy 4x3 grid plus `refs` reference grids (3x2, T = 10, 20, ...) after it; text of n_txt tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = [grid_ids(4, 3)] + [grid_ids(3, 2, t=10 * (i + 1)) for i in range(refs)]
+    img_ids = torch.cat(ids)
+    return dict(
+        img=torch.randn(batch, img_ids.shape[0], 4, generator=gen),
+        txt=torch.randn(batch, n_txt, 32, generator=gen),
+        timestep=torch.rand(batch, generator=gen),
+        img_ids=img_ids,
+        txt_ids=text_ids(n_txt),
+    )
+
+
+def diffusers_call(ref, x, guidance=None, **kw):
+    with torch.no_grad():
+        return ref(
+            hidden_states=x["img"],
+            encoder_hidden_states=x["txt"],
+            timestep=x["timestep"],
+            img_ids=x["img_ids"],
+            txt_ids=x["txt_ids"],
+            guidance=guidance,
+            return_dict=False,
+            **kw,
+        )
+
+
+@pytest.mark.parametrize("guidance_embeds", [False, True])
+@pytest.mark.parametrize("batch,refs", [(1, 0), (2, 0), (2, 2)])
+def test_forward_matches_diffusers(guidance_embeds, batch, refs):
+    ref = tiny_diffusers_transformer(guidance_embeds)
+    ours = ours_from(ref)
+    x = inputs(batch, refs)
+    guidance = torch.tensor([3.5, 5.0][:batch]) if guidance_embeds else None
+    expected = diffusers_call(ref, x, guidance)[0]
+    with torch.no_grad():
+        got = ours(x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"], guidance)
+    assert got.shape == expected.shape == (batch, x["img"].shape[1], 4)
+    assert (got - expected).abs().max() <= TOL
+
+
+def test_guidance_changes_the_output_only_with_a_guidance_embedder():
+    ours = ours_from(tiny_diffusers_transformer(guidance_embeds=True))
+    x = inputs(1)
+    with torch.no_grad():
+        a = ours(x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"], torch.tensor([1.0]))
+        b = ours(x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"], torch.tensor([4.0]))
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_batched_ids_must_agree():
+    ours = ours_from(tiny_diffusers_transformer())
+    x = inputs(2)
+    ids = torch.stack([x["img_ids"], x["img_ids"]])
+    ids[1, 0, 1] += 1
+    with torch.no_grad(), pytest.raises(ValueError, match="img_ids differ across the batch"):
+        ours(x["img"], x["txt"], x["timestep"], ids, x["txt_ids"])
+    same = torch.stack([x["img_ids"], x["img_ids"]])
+    with torch.no_grad():
+        a = ours(x["img"], x["txt"], x["timestep"], same, x["txt_ids"])
+        b = ours(x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"])
+    assert torch.equal(a, b)
+
+
+def kv_reference_model(guidance_embeds: bool = False):
+    ref = tiny_diffusers_transformer(guidance_embeds)
+    for block in ref.transformer_blocks:
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in ref.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    return ref
+
+
+def kv_inputs(batch: int, seed: int = 2):
+    """KV layout: two references (T = 10, 20) *before* the noisy 4x3 grid."""
+    x = inputs(batch, refs=0, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    ref_ids = torch.cat([grid_ids(3, 2, t=10), grid_ids(2, 2, t=20)])
+    refs = torch.randn(batch, ref_ids.shape[0], 4, generator=gen)
+    refs[1:] = refs[:1]  # references are shared by the batch in the pipelines
+    return x, refs, ref_ids
+
+
+@pytest.mark.parametrize("guidance_embeds", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_kv_extract_and_cached_match_diffusers(guidance_embeds, batch):
+    ref = kv_reference_model(guidance_embeds)
+    ours = ours_from(ref)
+    x, refs, ref_ids = kv_inputs(batch)
+    n_ref = ref_ids.shape[0]
+    guidance = torch.full((batch,), 4.0) if guidance_embeds else None
+    step0 = dict(x, img=torch.cat([refs, x["img"]], 1), img_ids=torch.cat([ref_ids, x["img_ids"]]))
+
+    expected, cache = diffusers_call(ref, step0, guidance, kv_cache_mode="extract", num_ref_tokens=n_ref)
+    with torch.no_grad():
+        got = ours.forward_extract(
+            step0["img"], x["txt"], x["timestep"], step0["img_ids"], x["txt_ids"], n_ref, guidance
+        )
+    assert got.sample.shape == expected.shape == x["img"].shape
+    assert (got.sample - expected).abs().max() <= TOL
+    kv = got.reference_kv
+    assert kv.num_tokens == n_ref and len(kv.double) == 2 and len(kv.single) == 2
+    for mine, theirs in zip(kv.double + kv.single, cache.double_block_caches + cache.single_block_caches):
+        assert mine[0].shape == theirs.k_ref.shape == (batch, n_ref, 2, 16)
+        assert (mine[0] - theirs.k_ref).abs().max() <= TOL
+        assert (mine[1] - theirs.v_ref).abs().max() <= TOL
+
+    # A later step: new noise and timestep, reusing the cache.
+    later = inputs(batch, seed=9)
+    expected = diffusers_call(ref, later, guidance, kv_cache=cache, kv_cache_mode="cached")[0]
+    with torch.no_grad():
+        got = ours(
+            later["img"],
+            later["txt"],
+            later["timestep"],
+            later["img_ids"],
+            later["txt_ids"],
+            guidance,
+            reference_kv=kv,
+        )
+    assert (got - expected).abs().max() <= TOL
+
+
+def test_reference_kv_is_independent_of_prompt_noise_and_timestep():
+    ours = ours_from(tiny_diffusers_transformer())
+    _, refs, ref_ids = kv_inputs(1)
+    kvs = []
+    for seed in (3, 4):
+        x = inputs(1, seed=seed)
+        with torch.no_grad():
+            out = ours.forward_extract(
+                torch.cat([refs, x["img"]], 1),
+                x["txt"],
+                x["timestep"],
+                torch.cat([ref_ids, x["img_ids"]]),
+                x["txt_ids"],
+                ref_ids.shape[0],
+            )
+        kvs.append(out.reference_kv)
+    for a, b in zip(kvs[0].double + kvs[0].single, kvs[1].double + kvs[1].single):
+        assert (a[0] - b[0]).abs().max() <= 1e-6 and (a[1] - b[1]).abs().max() <= 1e-6
+
+
+def test_cached_step_equals_the_extract_step():
+    """The cache is exact: the same step run in cached mode gives the extract-mode output."""
+    ours = ours_from(tiny_diffusers_transformer())
+    x, refs, ref_ids = kv_inputs(2)
+    with torch.no_grad():
+        extract = ours.forward_extract(
+            torch.cat([refs, x["img"]], 1),
+            x["txt"],
+            x["timestep"],
+            torch.cat([ref_ids, x["img_ids"]]),
+            x["txt_ids"],
+            ref_ids.shape[0],
+        )
+        cached = ours(
+            x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"], reference_kv=extract.reference_kv
+        )
+    assert (cached - extract.sample).abs().max() <= TOL
+
+
+def test_meta_construction_has_the_diffusers_keys_and_shapes():
+    ref = tiny_diffusers_transformer(guidance_embeds=True)
+    with torch.device("meta"):
+        ours = Flux2Transformer(TransformerConfig.from_dict(dict(ref.config)))
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == theirs

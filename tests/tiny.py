@@ -1,0 +1,52 @@
+"""Tiny random FLUX.2 checkpoints, built offline for the tests (no hub is reachable)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import Flux2Transformer2DModel
+
+# FLUX2_FACTS 7.1 sizes (D = 32), with joint_attention_dim 32 as in the diffusers model test.
+TINY_DIT = dict(
+    patch_size=1,
+    in_channels=4,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    timestep_guidance_channels=256,
+    axes_dims_rope=(4, 4, 4, 4),
+)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Overwrite every parameter with N(0, std) (RMSNorm weights around 1) so that no path is trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * std
+            p.copy_(
+                1 + noise
+                if name.endswith(("norm_q.weight", "norm_k.weight", "_q.weight", "_k.weight")) and p.ndim == 1
+                else noise
+            )
+    return module
+
+
+def tiny_diffusers_transformer(
+    guidance_embeds: bool = False, seed: int = 0, **overrides
+) -> Flux2Transformer2DModel:
+    model = Flux2Transformer2DModel(**{**TINY_DIT, "guidance_embeds": guidance_embeds, **overrides})
+    return randomize_(model, seed).eval()
+
+
+def grid_ids(h: int, w: int, t: int = 0) -> torch.Tensor:
+    """(T, H, W, L) ids of an h x w token grid in row-major order: [h*w, 4]."""
+    hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([torch.full_like(hh, t), hh, ww, torch.zeros_like(hh)], dim=-1).reshape(-1, 4)
+
+
+def text_ids(n: int) -> torch.Tensor:
+    ids = torch.zeros(n, 4, dtype=torch.long)
+    ids[:, 3] = torch.arange(n)
+    return ids
