@@ -126,7 +126,9 @@ def test_kv_extract_and_cached_match_diffusers(guidance_embeds, batch):
     assert (got.sample - expected).abs().max() <= TOL
     kv = got.reference_kv
     assert kv.num_tokens == n_ref and len(kv.double) == 2 and len(kv.single) == 2
-    for mine, theirs in zip(kv.double + kv.single, cache.double_block_caches + cache.single_block_caches):
+    for mine, theirs in zip(
+        kv.double + kv.single, cache.double_block_caches + cache.single_block_caches, strict=True
+    ):
         assert mine[0].shape == theirs.k_ref.shape == (batch, n_ref, 2, 16)
         assert (mine[0] - theirs.k_ref).abs().max() <= TOL
         assert (mine[1] - theirs.v_ref).abs().max() <= TOL
@@ -163,7 +165,7 @@ def test_reference_kv_is_independent_of_prompt_noise_and_timestep():
                 ref_ids.shape[0],
             )
         kvs.append(out.reference_kv)
-    for a, b in zip(kvs[0].double + kvs[0].single, kvs[1].double + kvs[1].single):
+    for a, b in zip(kvs[0].double + kvs[0].single, kvs[1].double + kvs[1].single, strict=True):
         assert (a[0] - b[0]).abs().max() <= 1e-6 and (a[1] - b[1]).abs().max() <= 1e-6
 
 

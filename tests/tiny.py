@@ -50,3 +50,51 @@ def text_ids(n: int) -> torch.Tensor:
     ids = torch.zeros(n, 4, dtype=torch.long)
     ids[:, 3] = torch.arange(n)
     return ids
+
+
+# Tiny FLUX.2 autoencoder: one latent channel, so transformer tokens have 4 channels (FLUX2_FACTS 7.1),
+# with two resolutions so that down/up sampling and the reversed BFL up-block order are exercised.
+TINY_VAE = dict(
+    block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    latent_channels=1,
+    norm_num_groups=4,
+)
+
+
+def tiny_diffusers_vae(seed: int = 0, **overrides):
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(**{**TINY_VAE, **overrides})
+    randomize_(vae, seed, std=0.1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=gen) * 0.3)
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=gen) * 1.5)
+    return vae.eval()
+
+
+def to_bfl(state_dict: dict[str, torch.Tensor], plan: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Write a diffusers-named state dict in BFL's layout by inverting a fluxforge plan (fused qkv rows
+    re-joined, modulation halves swapped back, attention weights as 1x1 convs)."""
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        src = plan[key]
+        t = tensor.detach().clone()
+        if src.swap_halves:
+            a, b = t.chunk(2)
+            t = torch.cat([b, a])
+        if src.squeeze:
+            t = t[:, :, None, None]
+        if src.part is not None:
+            parts.setdefault(src.key, {})[src.part[0]] = t
+        else:
+            out[prefix + src.key] = t
+    for key, blocks in parts.items():
+        out[prefix + key] = torch.cat([blocks[i] for i in sorted(blocks)])
+    return {k: v.contiguous() for k, v in out.items()}

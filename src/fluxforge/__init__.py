@@ -2,6 +2,7 @@
 
 from fluxforge.config import VARIANTS, Variant, get_variant
 from fluxforge.errors import CheckpointError
+from fluxforge.weights import Components, load
 
-__all__ = ["VARIANTS", "CheckpointError", "Variant", "get_variant"]
+__all__ = ["VARIANTS", "CheckpointError", "Components", "Variant", "get_variant", "load"]
 __version__ = "0.1.0"
