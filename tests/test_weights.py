@@ -291,3 +291,37 @@ def _wider_qwen(tmp_path: Path) -> Path:
 def test_unknown_variant_name(klein_folder):
     with pytest.raises(ValueError, match="unknown variant 'flux.2-klein-4B'. Did you mean 'flux.2-klein-4b'"):
         fluxforge.load(klein_folder, variant="flux.2-klein-4B")
+
+
+def test_dev_folder_with_mistral_text_encoder(tmp_path, monkeypatch):
+    """dev: guidance embedder, Mistral 3 language model (vision tower and LM head are never read)."""
+    from diffusers import Flux2Pipeline
+    from tiny_text import mistral3_tokenizer, tiny_mistral3_config
+    from transformers import Mistral3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    transformer = tiny_diffusers_transformer(**{**KLEIN_DIT, "guidance_embeds": True})
+    text = randomize_(Mistral3ForConditionalGeneration(tiny_mistral3_config(TEXT_LAYERS))).eval()
+    Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_diffusers_vae(),
+        text_encoder=text,
+        tokenizer=mistral3_tokenizer(),
+        transformer=transformer,
+    ).save_pretrained(tmp_path)
+    read: list[str] = []
+    original = weights.Tensors.read
+    monkeypatch.setattr(weights.Tensors, "read", lambda self, keys: read.extend(keys) or original(self, keys))
+    c = fluxforge.load(tmp_path)
+    text_keys = [k for k in read if "language_model" in k or "vision" in k or "lm_head" in k]
+    assert text_keys and not [k for k in text_keys if "layers.3." in k or "vision" in k or "lm_head" in k]
+    assert c.variant.family == "flux.2-dev" and c.variant.name == "flux.2-dev-custom"
+    assert c.variant.text_encoder.kind == "mistral3" and c.variant.text_encoder.out_layers == (1, 2, 3)
+    assert_same_weights(c.transformer, transformer.state_dict())
+    ids = torch.tensor([[5, 9, 200, 31, 4, 4]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        feats = c.text_encoder(ids, mask)
+        full = text(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert torch.equal(feats, torch.cat([full[1], full[2], full[3]], dim=-1))
+    assert c.tokenizer is not None

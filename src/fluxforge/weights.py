@@ -474,9 +474,11 @@ def load_text_encoder(
     depth = text_cfg.layers_to_load
 
     def ignore(key: str) -> bool:  # the parts of the checkpoint the DiT never sees
+        if re.search(r"(^|\.)(lm_head|vision_tower|multi_modal_projector)\.", key):
+            return True
         if m := re.search(r"\blayers\.(\d+)\.", key):
             return int(m[1]) >= depth
-        return bool(re.search(r"(^|\.)(lm_head|vision_tower|multi_modal_projector|norm)\.", key))
+        return bool(re.search(r"(^|\.)norm\.", key))  # the final norm, used only after the last layer
 
     encoder = load_module(
         lambda: TextEncoder(hf_config, text_cfg.out_layers),
