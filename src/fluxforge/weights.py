@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,17 +139,16 @@ class Tensors(Mapping[str, _Entry]):
             )
         return cls(entries, index)
 
-    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, each file opened once."""
-        out: dict[str, torch.Tensor] = {}
+    def read(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The named tensors one at a time, in the order asked, each file opened once: the caller can
+        convert and drop each before the next is read, so peak memory stays near the result's size."""
         with ExitStack() as stack:
             handles: dict[Path, Any] = {}
             for key in keys:
                 file = self._entries[key].file
                 if file not in handles:
                     handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-                out[key] = handles[file].get_tensor(key)
-        return out
+                yield key, handles[file].get_tensor(key)
 
 
 def _read_header(path: Path) -> dict[str, _Entry]:
@@ -252,12 +251,18 @@ def load_module(
             unexpected=unexpected,
             mismatched=mismatched,
         )
-    present = {k: s for k, s in plan.items() if k in expected and s.key in tensors}
-    raw = tensors.read(sorted({s.key for s in present.values()}))
+    consumers: dict[str, list[tuple[str, Source]]] = {}  # source key -> the module keys it fills
+    for key, src in plan.items():
+        if key in expected and src.key in tensors:
+            consumers.setdefault(src.key, []).append((key, src))
     state = {}
-    for key, src in present.items():
-        t = src.apply(raw[src.key])
-        state[key] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+    for source_key, raw in tensors.read(sorted(consumers)):
+        for key, src in consumers[source_key]:
+            t = src.apply(raw)
+            state[key] = t.to(
+                device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None
+            )
+        del raw
     for key in expected.keys() - state.keys():  # optional counters
         state[key] = torch.zeros((), dtype=torch.long, device=device)
     module.load_state_dict(state, strict=True, assign=True)

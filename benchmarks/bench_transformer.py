@@ -1,0 +1,105 @@
+"""Transformer forward time, fluxforge against diffusers 0.42.1, side by side in one run.
+
+The machine is shared and noisy, so the two implementations alternate and the report is the ratio of
+medians. Weights are random; sizes are a scaled-down klein (head dim 128 as in every FLUX.2 model).
+
+    python benchmarks/bench_transformer.py [--dtype bfloat16] [--heads 8] [--tokens 1024] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers import Flux2Transformer2DModel
+
+from fluxforge.config import TransformerConfig
+from fluxforge.model.transformer import Flux2Transformer
+
+
+def grid_ids(h: int, w: int, t: int = 0) -> torch.Tensor:
+    hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([torch.full_like(hh, t), hh, ww, torch.zeros_like(hh)], dim=-1).reshape(-1, 4)
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--single-layers", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=1024, help="noisy image tokens (a square grid)")
+    parser.add_argument("--text", type=int, default=512, help="text tokens")
+    parser.add_argument("--refs", type=int, default=1, help="reference images of the same size, for KV")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+
+    config = dict(
+        num_layers=args.layers,
+        num_single_layers=args.single_layers,
+        num_attention_heads=args.heads,
+        joint_attention_dim=3 * 512,
+        guidance_embeds=False,
+    )
+    ref = Flux2Transformer2DModel(**config).to(dtype).eval()
+    ours = Flux2Transformer(TransformerConfig.from_dict(dict(ref.config))).to(dtype).eval()
+    ours.load_state_dict(ref.state_dict())
+
+    side = int(args.tokens**0.5)
+    img_ids = grid_ids(side, side)
+    ref_ids = torch.cat([grid_ids(side, side, t=10 * (i + 1)) for i in range(args.refs)])
+    txt_ids = torch.zeros(args.text, 4, dtype=torch.long)
+    txt_ids[:, 3] = torch.arange(args.text)
+    img = torch.randn(1, side * side, 128, dtype=dtype)
+    refs = torch.randn(1, ref_ids.shape[0], 128, dtype=dtype)
+    txt = torch.randn(1, args.text, 3 * 512, dtype=dtype)
+    t = torch.tensor([0.7])
+
+    cases = {
+        "text-to-image step": (
+            lambda: ref(img, txt, t, img_ids, txt_ids, return_dict=False),
+            lambda: ours(img, txt, t, img_ids, txt_ids),
+        ),
+        f"step with {args.refs} reference(s)": (
+            lambda: ref(torch.cat([img, refs], 1), txt, t, torch.cat([img_ids, ref_ids]), txt_ids, return_dict=False),
+            lambda: ours(torch.cat([img, refs], 1), txt, t, torch.cat([img_ids, ref_ids]), txt_ids),
+        ),
+    }
+    print(f"D={ref.inner_dim} double={args.layers} single={args.single_layers} img={side * side} "
+          f"txt={args.text} dtype={args.dtype} threads={torch.get_num_threads()}")
+    with torch.inference_mode():
+        for name, (theirs_fn, ours_fn) in cases.items():
+            theirs_fn(), ours_fn()  # warm-up
+            theirs_t, ours_t = [], []
+            for _ in range(args.repeats):  # alternate so drift hits both alike
+                theirs_t += timed(theirs_fn, 1)
+                ours_t += timed(ours_fn, 1)
+            a, b = statistics.median(theirs_t), statistics.median(ours_t)
+            print(f"{name:28s} diffusers {a * 1e3:8.1f} ms   fluxforge {b * 1e3:8.1f} ms   speed-up {a / b:5.2f}x")
+
+        # Reference KV: later steps reuse the cached reference K/V instead of recomputing reference tokens.
+        kv = ours.forward_extract(torch.cat([refs, img], 1), txt, t, torch.cat([ref_ids, img_ids]), txt_ids,
+                                  ref_ids.shape[0]).reference_kv
+        full = timed(lambda: ours(torch.cat([img, refs], 1), txt, t, torch.cat([img_ids, ref_ids]), txt_ids),
+                     args.repeats)
+        cached = timed(lambda: ours(img, txt, t, img_ids, txt_ids, reference_kv=kv), args.repeats)
+        a, b = statistics.median(full), statistics.median(cached)
+        print(f"{'fluxforge KV cached step':28s} full refs {a * 1e3:8.1f} ms   cached    {b * 1e3:8.1f} ms   "
+              f"speed-up {a / b:5.2f}x  (cache {kv.nbytes / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
