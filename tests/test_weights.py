@@ -3,6 +3,7 @@ errors a user sees for files that cannot be loaded."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -325,3 +326,21 @@ def test_dev_folder_with_mistral_text_encoder(tmp_path, monkeypatch):
         full = text(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     assert torch.equal(feats, torch.cat([full[1], full[2], full[3]], dim=-1))
     assert c.tokenizer is not None
+
+
+def test_variant_override_must_fit_the_files(klein_folder, parts, tmp_path):
+    with pytest.raises(
+        CheckpointError, match="variant 'flux.2-klein-9b' was asked for, but the files hold another"
+    ):
+        fluxforge.load(klein_folder, variant="flux.2-klein-9b")
+    ref = parts["transformer"]
+    cfg = TransformerConfig.from_dict(dict(ref.config))
+    save_file(to_bfl(ref.state_dict(), bfl.transformer_plan(cfg)), tmp_path / "klein.safetensors")
+    base = dataclasses.replace(VARIANTS["flux.2-klein-base-4b"], name="tiny-base", transformer=cfg)
+    model, variant = weights.load_transformer_file(tmp_path / "klein.safetensors", variant=base)
+    assert variant is base and variant.defaults.guidance_mode == "cfg"
+
+
+def test_component_folder_points_to_its_parent(klein_folder):
+    with pytest.raises(CheckpointError, match="one component of a diffusers model.*pass the model folder"):
+        fluxforge.load(klein_folder / "transformer")

@@ -323,6 +323,29 @@ def _variant_for(family: str, transformer: TransformerConfig) -> Variant:
     return dataclasses.replace(closest, name=f"{family}-custom", transformer=transformer)
 
 
+def _describe(cfg: TransformerConfig) -> str:
+    guidance = "with" if cfg.guidance_embeds else "without"
+    return (
+        f"{cfg.num_layers} double + {cfg.num_single_layers} single blocks, width {cfg.inner_dim}, "
+        f"text features {cfg.joint_attention_dim}, {guidance} guidance embedder"
+    )
+
+
+def _resolve_variant(family: str, cfg: TransformerConfig, chosen: Variant | None, where: Path) -> Variant:
+    """The detected variant, or the one asked for when the files really hold its transformer."""
+    detected = _variant_for(family, cfg)
+    if chosen is None:
+        return detected
+    if chosen.transformer != cfg:
+        raise CheckpointError(
+            f"variant {chosen.name!r} was asked for, but the files hold another transformer: "
+            f"{_describe(cfg)}; {chosen.name} has {_describe(chosen.transformer)}",
+            path=str(where),
+            variant=detected.name,
+        )
+    return chosen
+
+
 def _fit_text_config(variant: Variant, hf_config: Any) -> TextEncoderConfig:
     """The variant's text-encoder settings for the language model actually on disk. Official sizes use
     the variant's layers; other sizes use the same relative depths (k/4 of the stack for k = 1, 2, 3, which
@@ -368,8 +391,8 @@ def load_transformer_folder(
         cfg = TransformerConfig.from_dict(config)
     except ValueError as exc:
         raise CheckpointError(str(exc), path=str(folder / "config.json")) from None
-    if variant is None:
-        variant = _variant_for(family or ("flux.2-dev" if cfg.guidance_embeds else "flux.2-klein"), cfg)
+    family = family or ("flux.2-dev" if cfg.guidance_embeds else "flux.2-klein")
+    variant = _resolve_variant(family, cfg, variant, folder)
     tensors = Tensors.from_folder(folder, "diffusion_pytorch_model")
     model = load_module(
         lambda: Flux2Transformer(cfg),
@@ -398,10 +421,7 @@ def load_transformer_file(
             path=str(path),
         )
     cfg = bfl.transformer_config(tensors, prefix)
-    if variant is None:
-        variant = _variant_for(_family_of_filename(path.name, cfg.guidance_embeds), cfg)
-    else:
-        cfg = variant.transformer
+    variant = _resolve_variant(_family_of_filename(path.name, cfg.guidance_embeds), cfg, variant, path)
     model = load_module(
         lambda: Flux2Transformer(cfg),
         tensors,
@@ -529,6 +549,12 @@ def load(
     chosen = get_variant(variant) if isinstance(variant, str) else variant
     if path.is_dir():
         index_path = path / "model_index.json"
+        if not index_path.is_file() and (path / "config.json").is_file() and path.parent != path:
+            raise CheckpointError(
+                "this is one component of a diffusers model (it has a config.json but no model_index.json); "
+                f"pass the model folder that contains it: {path.parent}",
+                path=str(path),
+            )
         if not index_path.is_file():
             found = sorted(p.name for p in path.iterdir())[:10]
             raise CheckpointError(

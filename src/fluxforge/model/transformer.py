@@ -408,8 +408,9 @@ class Flux2Transformer(nn.Module):
     ) -> tuple[Tensor, ReferenceKV | None]:
         img, txt = img.to(self.dtype), txt.to(self.dtype)
         n_txt, n_img = txt.shape[1], img.shape[1] - num_ref
-        t = timestep.to(img.dtype) * 1000  # cast before x1000, as the reference does (quantizes in bf16)
-        g = guidance.to(img.dtype) * 1000 if guidance is not None else None
+        # Cast before x1000, as the reference does (this quantizes t and g in bf16). [B], [1] or a scalar.
+        t = timestep.to(img.dtype).reshape(-1) * 1000
+        g = guidance.to(img.dtype).reshape(-1) * 1000 if guidance is not None else None
         temb = self.time_guidance_embed(t, g)  # [B, D]
         mod_img = self.double_stream_modulation_img(temb)  # [B, 1, 6D]
         mod_txt = self.double_stream_modulation_txt(temb)  # [B, 1, 6D]
