@@ -114,6 +114,8 @@ def test_registered_sizes_are_recognised_exactly():
         "flux.2-klein-base-4b"
     )
     assert weights._variant_for("flux.2-dev", VARIANTS["flux.2-dev"].transformer).name == "flux.2-dev"
+    spelled_out = dataclasses.replace(VARIANTS["flux.2-klein-4b"].transformer, out_channels=128)
+    assert weights._variant_for("flux.2-klein", spelled_out).name == "flux.2-klein-4b"
 
 
 @pytest.mark.parametrize("name", ["flux.2-dev", "flux.2-klein-4b", "flux.2-klein-9b"])

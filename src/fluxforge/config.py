@@ -84,6 +84,12 @@ class TransformerConfig:
     def output_channels(self) -> int:
         return self.patch_size**2 * (self.out_channels or self.in_channels)
 
+    def same_architecture(self, other: TransformerConfig) -> bool:
+        """Equal networks, however the config spells them (out_channels None or equal to in_channels)."""
+        return dataclasses.replace(self, out_channels=self.output_channels) == dataclasses.replace(
+            other, out_channels=other.output_channels
+        )
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TransformerConfig:
         return _from_dict(cls, data, "transformer")

@@ -317,7 +317,7 @@ def _variant_for(family: str, transformer: TransformerConfig) -> Variant:
     first registered variant with the file's own transformer config ('custom' size)."""
     members = [v for v in VARIANTS.values() if v.family == family]
     for v in members:
-        if v.transformer == transformer:
+        if v.transformer.same_architecture(transformer):
             return v
     closest = min(members, key=lambda v: abs(v.transformer.inner_dim - transformer.inner_dim))
     return dataclasses.replace(closest, name=f"{family}-custom", transformer=transformer)
@@ -336,7 +336,7 @@ def _resolve_variant(family: str, cfg: TransformerConfig, chosen: Variant | None
     detected = _variant_for(family, cfg)
     if chosen is None:
         return detected
-    if chosen.transformer != cfg:
+    if not chosen.transformer.same_architecture(cfg):
         raise CheckpointError(
             f"variant {chosen.name!r} was asked for, but the files hold another transformer: "
             f"{_describe(cfg)}; {chosen.name} has {_describe(chosen.transformer)}",
