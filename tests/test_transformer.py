@@ -149,6 +149,12 @@ def test_kv_extract_and_cached_match_diffusers(guidance_embeds, batch):
     assert (got - expected).abs().max() <= TOL
 
 
+def extract_step(model, x, refs, ref_ids):
+    """forward_extract with the references placed before the noisy tokens."""
+    img, ids = torch.cat([refs, x["img"]], 1), torch.cat([ref_ids, x["img_ids"]])
+    return model.forward_extract(img, x["txt"], x["timestep"], ids, x["txt_ids"], ref_ids.shape[0])
+
+
 def test_reference_kv_is_independent_of_prompt_noise_and_timestep():
     ours = ours_from(tiny_diffusers_transformer())
     _, refs, ref_ids = kv_inputs(1)
@@ -156,14 +162,7 @@ def test_reference_kv_is_independent_of_prompt_noise_and_timestep():
     for seed in (3, 4):
         x = inputs(1, seed=seed)
         with torch.no_grad():
-            out = ours.forward_extract(
-                torch.cat([refs, x["img"]], 1),
-                x["txt"],
-                x["timestep"],
-                torch.cat([ref_ids, x["img_ids"]]),
-                x["txt_ids"],
-                ref_ids.shape[0],
-            )
+            out = extract_step(ours, x, refs, ref_ids)
         kvs.append(out.reference_kv)
     for a, b in zip(kvs[0].double + kvs[0].single, kvs[1].double + kvs[1].single, strict=True):
         assert (a[0] - b[0]).abs().max() <= 1e-6 and (a[1] - b[1]).abs().max() <= 1e-6
@@ -174,14 +173,7 @@ def test_cached_step_equals_the_extract_step():
     ours = ours_from(tiny_diffusers_transformer())
     x, refs, ref_ids = kv_inputs(2)
     with torch.no_grad():
-        extract = ours.forward_extract(
-            torch.cat([refs, x["img"]], 1),
-            x["txt"],
-            x["timestep"],
-            torch.cat([ref_ids, x["img_ids"]]),
-            x["txt_ids"],
-            ref_ids.shape[0],
-        )
+        extract = extract_step(ours, x, refs, ref_ids)
         cached = ours(
             x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"], reference_kv=extract.reference_kv
         )

@@ -20,17 +20,15 @@ TINY_DIT = dict(
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
-    """Overwrite every parameter with N(0, std) (RMSNorm weights around 1) so that no path is trivial."""
+    """Overwrite every parameter with N(0, std), norm gains with 1 + N(0, std), so that no path is trivial
+    and layers differ visibly."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=gen) * std
-            p.copy_(
-                1 + noise
-                if name.endswith(("norm_q.weight", "norm_k.weight", "_q.weight", "_k.weight")) and p.ndim == 1
-                else noise
-            )
-    return module
+            is_gain = p.ndim == 1 and "norm" in name and name.endswith("weight")
+            p.copy_(1 + noise if is_gain else noise)
+    return module.eval()
 
 
 def tiny_diffusers_transformer(

@@ -6,9 +6,8 @@ is exercised. The tokenizers are byte-level with no merges: every byte is one to
 
 from __future__ import annotations
 
-import torch
+from tiny import randomize_  # noqa: F401  (re-exported for the text tests)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from torch import nn
 from transformers import Mistral3Config, PreTrainedTokenizerFast, Qwen2TokenizerFast, Qwen3Config
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -90,16 +89,6 @@ def tiny_mistral3_config(num_text_layers: int = 4) -> Mistral3Config:
         vision_feature_layer=-1,
         image_token_index=1,
     )
-
-
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter large random values (norm gains around 1) so that layers differ visibly."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen) * 0.2
-            param.copy_(noise + 1.0 if name.endswith("norm.weight") else noise)
-    return model.eval()
 
 
 def qwen3_tokenizer() -> Qwen2TokenizerFast:
