@@ -74,12 +74,16 @@ def main() -> None:
             lambda: ours(img, txt, t, img_ids, txt_ids),
         ),
         f"step with {args.refs} reference(s)": (
-            lambda: ref(torch.cat([img, refs], 1), txt, t, torch.cat([img_ids, ref_ids]), txt_ids, return_dict=False),
+            lambda: ref(
+                torch.cat([img, refs], 1), txt, t, torch.cat([img_ids, ref_ids]), txt_ids, return_dict=False
+            ),
             lambda: ours(torch.cat([img, refs], 1), txt, t, torch.cat([img_ids, ref_ids]), txt_ids),
         ),
     }
-    print(f"D={ref.inner_dim} double={args.layers} single={args.single_layers} img={side * side} "
-          f"txt={args.text} dtype={args.dtype} threads={torch.get_num_threads()}")
+    print(
+        f"D={ref.inner_dim} double={args.layers} single={args.single_layers} img={side * side} "
+        f"txt={args.text} dtype={args.dtype} threads={torch.get_num_threads()}"
+    )
     with torch.inference_mode():
         for name, (theirs_fn, ours_fn) in cases.items():
             theirs_fn(), ours_fn()  # warm-up
@@ -88,17 +92,25 @@ def main() -> None:
                 theirs_t += timed(theirs_fn, 1)
                 ours_t += timed(ours_fn, 1)
             a, b = statistics.median(theirs_t), statistics.median(ours_t)
-            print(f"{name:28s} diffusers {a * 1e3:8.1f} ms   fluxforge {b * 1e3:8.1f} ms   speed-up {a / b:5.2f}x")
+            print(
+                f"{name:28s} diffusers {a * 1e3:8.1f} ms   fluxforge {b * 1e3:8.1f} ms   "
+                f"speed-up {a / b:5.2f}x"
+            )
 
         # Reference KV: later steps reuse the cached reference K/V instead of recomputing reference tokens.
-        kv = ours.forward_extract(torch.cat([refs, img], 1), txt, t, torch.cat([ref_ids, img_ids]), txt_ids,
-                                  ref_ids.shape[0]).reference_kv
-        full = timed(lambda: ours(torch.cat([img, refs], 1), txt, t, torch.cat([img_ids, ref_ids]), txt_ids),
-                     args.repeats)
+        kv = ours.forward_extract(
+            torch.cat([refs, img], 1), txt, t, torch.cat([ref_ids, img_ids]), txt_ids, ref_ids.shape[0]
+        ).reference_kv
+        full = timed(
+            lambda: ours(torch.cat([img, refs], 1), txt, t, torch.cat([img_ids, ref_ids]), txt_ids),
+            args.repeats,
+        )
         cached = timed(lambda: ours(img, txt, t, img_ids, txt_ids, reference_kv=kv), args.repeats)
         a, b = statistics.median(full), statistics.median(cached)
-        print(f"{'fluxforge KV cached step':28s} full refs {a * 1e3:8.1f} ms   cached    {b * 1e3:8.1f} ms   "
-              f"speed-up {a / b:5.2f}x  (cache {kv.nbytes / 2**20:.1f} MiB)")
+        print(
+            f"{'fluxforge KV cached step':28s} full refs {a * 1e3:8.1f} ms   cached    {b * 1e3:8.1f} ms   "
+            f"speed-up {a / b:5.2f}x  (cache {kv.nbytes / 2**20:.1f} MiB)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""Prompt encoding, fluxforge against diffusers 0.42.1, side by side in one run; and the weights the
+truncated encoders never load, counted on the meta device for the real Qwen3-4B / 8B and Mistral Small.
+
+diffusers runs the whole causal LM (every layer and the LM head, for all 512 tokens) and keeps three
+hidden states; fluxforge runs only up to the deepest layer used. Weights are random and the width is
+scaled down so the run fits this machine; the layer count and vocabulary are Qwen3's.
+
+    python benchmarks/bench_text_encoder.py [--hidden 512] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import Flux2KleinPipeline
+from transformers import Mistral3Config, Qwen3Config, Qwen3ForCausalLM
+from transformers import Mistral3ForConditionalGeneration as Mistral3
+
+from fluxforge.model.text import TextEncoder, encode_prompts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_text import qwen3_tokenizer  # noqa: E402  (the offline tokenizer of the tests)
+
+PROMPTS = ["a red fox in the snow, golden hour, 35mm photograph"]
+
+
+def real_sizes() -> None:
+    qwen = dict(vocab_size=151936, num_hidden_layers=36, head_dim=128, num_key_value_heads=8)
+    configs = {
+        "Qwen3-4B (klein 4B)": (
+            Qwen3Config(
+                **qwen,
+                hidden_size=2560,
+                intermediate_size=9728,
+                num_attention_heads=32,
+                tie_word_embeddings=True,
+            ),
+            (9, 18, 27),
+        ),
+        "Qwen3-8B (klein 9B)": (
+            Qwen3Config(
+                **qwen,
+                hidden_size=4096,
+                intermediate_size=12288,
+                num_attention_heads=32,
+                tie_word_embeddings=False,
+            ),
+            (9, 18, 27),
+        ),
+        "Mistral Small 3.x (dev)": (
+            Mistral3Config(
+                text_config=dict(
+                    model_type="mistral",
+                    vocab_size=131072,
+                    hidden_size=5120,
+                    intermediate_size=32768,
+                    num_hidden_layers=40,
+                    num_attention_heads=32,
+                    num_key_value_heads=8,
+                    head_dim=128,
+                ),
+                vision_config=dict(
+                    model_type="pixtral",
+                    hidden_size=1024,
+                    intermediate_size=4096,
+                    num_hidden_layers=24,
+                    num_attention_heads=16,
+                    image_size=1540,
+                    patch_size=14,
+                ),
+            ),
+            (10, 20, 30),
+        ),
+    }
+    for name, (config, layers) in configs.items():
+        with torch.device("meta"):
+            full = (Qwen3ForCausalLM if isinstance(config, Qwen3Config) else Mistral3)(config)
+            ours = TextEncoder(config, layers)
+        n_full = sum(p.numel() for p in full.parameters())
+        n_ours = sum(p.numel() for p in ours.parameters())
+        print(
+            f"{name:24s} full model {n_full / 1e9:6.2f} B params   loaded {n_ours / 1e9:6.2f} B   "
+            f"({100 * (1 - n_ours / n_full):.0f}% never read)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    real_sizes()
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=151936,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=36,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=4,
+        head_dim=64,
+    )
+    full = Qwen3ForCausalLM._from_config(config, dtype=dtype).eval()  # as from_pretrained: RoPE stays fp32
+    tokenizer = qwen3_tokenizer()
+    pipe = Flux2KleinPipeline(
+        scheduler=None, vae=None, text_encoder=full, tokenizer=tokenizer, transformer=None
+    )
+    with torch.device("meta"):
+        ours = TextEncoder(config, (9, 18, 27))
+    state = {k: full.state_dict()[names[0]] for k, names in ours.checkpoint_keys().items()}
+    ours.load_state_dict(state, assign=True, strict=True)
+
+    def theirs_fn():
+        return pipe.encode_prompt(PROMPTS, max_sequence_length=512, text_encoder_out_layers=(9, 18, 27))[0]
+
+    def ours_fn():
+        return encode_prompts(ours, tokenizer, PROMPTS, max_sequence_length=512).embeds
+
+    with torch.inference_mode():
+        assert torch.equal(theirs_fn(), ours_fn())  # same numbers, not merely close
+        theirs_t, ours_t = [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            theirs_fn()
+            theirs_t.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            ours_fn()
+            ours_t.append(time.perf_counter() - start)
+    a, b = statistics.median(theirs_t), statistics.median(ours_t)
+    print(
+        f"encode 1 prompt, 512 tokens, Qwen3 36 layers, hidden {args.hidden}, {args.dtype}: "
+        f"diffusers {a * 1e3:.0f} ms   fluxforge {b * 1e3:.0f} ms   speed-up {a / b:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
