@@ -188,17 +188,18 @@ def test_meta_construction_has_the_diffusers_keys_and_shapes():
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == theirs
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("guidance_embeds", [False, True])
-def test_bfloat16_matches_diffusers_bit_for_bit(guidance_embeds):
-    """Same operations in the same order and dtypes (timestep cast to bf16 before x1000, RoPE in fp32):
-    bf16 outputs are identical, not merely close."""
-    ref = tiny_diffusers_transformer(guidance_embeds).to(torch.bfloat16)
+def test_half_precision_matches_diffusers_bit_for_bit(guidance_embeds, dtype):
+    """Same operations in the same order and dtypes (timestep cast before x1000, RoPE in fp32, fp16
+    clamping of the text and single streams): the outputs are identical, not merely close."""
+    ref = tiny_diffusers_transformer(guidance_embeds).to(dtype)
     ours = ours_from(ref)
     x = inputs(2, refs=1)
-    x = {k: v.to(torch.bfloat16) if k in ("img", "txt") else v for k, v in x.items()}
+    x = {k: v.to(dtype) if k in ("img", "txt") else v for k, v in x.items()}
     guidance = torch.tensor([3.5, 5.0]) if guidance_embeds else None
     expected = diffusers_call(ref, x, guidance)[0]
     with torch.no_grad():
         got = ours(x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"], guidance)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == dtype
     assert torch.equal(got, expected)
