@@ -18,6 +18,10 @@ Every GroupNorm uses eps 1e-6. Parameter and buffer names are exactly diffusers'
 loads with a strict `load_state_dict`. The pipelines only ever use the posterior mean (`.mode()`), so the
 log-variance half of the encoder output is dropped and no sampling is offered.
 
+Layout: in bf16 / fp16 the activations run channels-last (NHWC), which oneDNN's convolutions take about
+1.3x faster on CPU; fp32, the exact reference mode, keeps diffusers' layout because channels-last
+convolutions round differently (~1e-5). Results always come back contiguous.
+
 Dtype: `encode` and `decode` cast their input to the weights' dtype and compute in it. diffusers does not
 cast, so a bf16 transformer feeding an fp32 VAE (or the reverse) crashes there (FLUX2_FACTS 8.4).
 """
@@ -242,19 +246,23 @@ class AutoEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype
 
+    @property
+    def _layout(self) -> torch.memory_format:
+        return torch.contiguous_format if self.dtype == torch.float32 else torch.channels_last
+
     def encode(self, x: Tensor) -> Tensor:
         """Images in [-1, 1] [B, 3, H, W] -> posterior mean [B, C, H/s, W/s], in the weights' dtype."""
-        moments = self.encoder(x.to(self.dtype))
+        moments = self.encoder(x.to(self.dtype, memory_format=self._layout))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        return moments[:, : self.config.latent_channels]
+        return moments[:, : self.config.latent_channels].contiguous()
 
     def decode(self, z: Tensor) -> Tensor:
         """Raw latents [B, C, h, w] -> images [B, 3, h*s, w*s] in about [-1, 1], in the weights' dtype."""
-        z = z.to(self.dtype)
+        z = z.to(self.dtype, memory_format=self._layout)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.decoder(z).contiguous()
 
     def normalize(self, z: Tensor) -> Tensor:
         """Patchified latents [B, 4C, h, w] -> (z - mean) / sqrt(var + eps) per channel, in z's dtype."""

@@ -1,0 +1,58 @@
+"""VAE encode and decode time, fluxforge against diffusers 0.42.1, side by side in one run.
+
+The real FLUX.2 autoencoder config (84M parameters) with random weights. The two implementations alternate
+and the report is the ratio of medians, since this machine is shared and noisy.
+
+    python benchmarks/bench_autoencoder.py [--size 256] [--dtype bfloat16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers import AutoencoderKLFlux2
+
+from fluxforge.config import AutoencoderConfig
+from fluxforge.model.autoencoder import AutoEncoder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    ref = AutoencoderKLFlux2().to(dtype).eval()
+    ours = AutoEncoder(AutoencoderConfig()).to(dtype).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.rand(1, 3, args.size, args.size, dtype=dtype) * 2 - 1
+    z = torch.randn(1, 32, args.size // 8, args.size // 8, dtype=dtype)
+    cases = {
+        "encode": (lambda: ref.encode(x).latent_dist.mode(), lambda: ours.encode(x)),
+        "decode": (lambda: ref.decode(z).sample, lambda: ours.decode(z)),
+    }
+    print(f"{args.size}x{args.size} {args.dtype} threads={torch.get_num_threads()}")
+    with torch.inference_mode():
+        for name, (theirs_fn, ours_fn) in cases.items():
+            expected, got = theirs_fn(), ours_fn()  # warm-up, and a check that both compute the same
+            err = (expected.float() - got.float()).abs().max().item()
+            theirs_t, ours_t = [], []
+            for _ in range(args.repeats):
+                for fn, times in ((theirs_fn, theirs_t), (ours_fn, ours_t)):
+                    start = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - start)
+            a, b = statistics.median(theirs_t), statistics.median(ours_t)
+            print(
+                f"{name}  diffusers {a * 1e3:7.0f} ms   fluxforge {b * 1e3:7.0f} ms   "
+                f"speed-up {a / b:4.2f}x   max abs diff {err:.2g}"
+            )
+
+
+if __name__ == "__main__":
+    main()
