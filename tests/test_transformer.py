@@ -203,3 +203,11 @@ def test_half_precision_matches_diffusers_bit_for_bit(guidance_embeds, dtype):
         got = ours(x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"], guidance)
     assert got.dtype == dtype
     assert torch.equal(got, expected)
+
+
+def test_reference_kv_from_another_model_is_rejected():
+    x, refs, ref_ids = kv_inputs(1)
+    kv = extract_step(ours_from(tiny_diffusers_transformer()), x, refs, ref_ids).reference_kv
+    other = ours_from(tiny_diffusers_transformer(num_single_layers=3))
+    with torch.no_grad(), pytest.raises(ValueError, match="holds 2 \\+ 2 layers, but this model has 2 \\+ 3"):
+        other(x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"], reference_kv=kv)

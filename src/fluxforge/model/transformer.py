@@ -369,6 +369,15 @@ class Flux2Transformer(nn.Module):
 
         With `reference_kv`, the cached reference keys and values join every attention (between text and
         image keys), exactly as if the reference tokens were in the sequence."""
+        if reference_kv is not None and (len(reference_kv.double), len(reference_kv.single)) != (
+            len(self.transformer_blocks),
+            len(self.single_transformer_blocks),
+        ):
+            raise ValueError(
+                f"reference_kv holds {len(reference_kv.double)} + {len(reference_kv.single)} layers, but "
+                f"this model has {len(self.transformer_blocks)} + {len(self.single_transformer_blocks)}: "
+                "it was extracted by another model"
+            )
         return self._run(img, txt, timestep, img_ids, txt_ids, guidance, reference_kv=reference_kv)[0]
 
     def forward_extract(
