@@ -9,11 +9,10 @@ and the report is the ratio of medians, since this machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from diffusers import AutoencoderKLFlux2
+from sidebyside import side_by_side  # noqa: E402  (benchmarks/, on sys.path when run as a script)
 
 from fluxforge.config import AutoencoderConfig
 from fluxforge.model.autoencoder import AutoEncoder
@@ -39,15 +38,9 @@ def main() -> None:
     print(f"{args.size}x{args.size} {args.dtype} threads={torch.get_num_threads()}")
     with torch.inference_mode():
         for name, (theirs_fn, ours_fn) in cases.items():
-            expected, got = theirs_fn(), ours_fn()  # warm-up, and a check that both compute the same
+            expected, got = theirs_fn(), ours_fn()  # both compute the same thing
             err = (expected.float() - got.float()).abs().max().item()
-            theirs_t, ours_t = [], []
-            for _ in range(args.repeats):
-                for fn, times in ((theirs_fn, theirs_t), (ours_fn, ours_t)):
-                    start = time.perf_counter()
-                    fn()
-                    times.append(time.perf_counter() - start)
-            a, b = statistics.median(theirs_t), statistics.median(ours_t)
+            a, b = side_by_side(theirs_fn, ours_fn, args.repeats)
             print(
                 f"{name}  diffusers {a * 1e3:7.0f} ms   fluxforge {b * 1e3:7.0f} ms   "
                 f"speed-up {a / b:4.2f}x   max abs diff {err:.2g}"

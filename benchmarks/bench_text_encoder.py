@@ -11,75 +11,33 @@ scaled down so the run fits this machine; the layer count and vocabulary are Qwe
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from diffusers import Flux2KleinPipeline
-from transformers import Mistral3Config, Qwen3Config, Qwen3ForCausalLM
-from transformers import Mistral3ForConditionalGeneration as Mistral3
+from transformers import Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
+from fluxforge.config import MISTRAL_SMALL, QWEN3_4B, QWEN3_8B
 from fluxforge.model.text import TextEncoder, encode_prompts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny_text import qwen3_tokenizer  # noqa: E402  (the offline tokenizer of the tests)
+from sidebyside import side_by_side  # noqa: E402  (benchmarks/, on sys.path when run as a script)
+from tiny_text import qwen3_tokenizer, real_mistral_small_config, real_qwen3_config  # noqa: E402
 
 PROMPTS = ["a red fox in the snow, golden hour, 35mm photograph"]
 
 
 def real_sizes() -> None:
-    qwen = dict(vocab_size=151936, num_hidden_layers=36, head_dim=128, num_key_value_heads=8)
     configs = {
-        "Qwen3-4B (klein 4B)": (
-            Qwen3Config(
-                **qwen,
-                hidden_size=2560,
-                intermediate_size=9728,
-                num_attention_heads=32,
-                tie_word_embeddings=True,
-            ),
-            (9, 18, 27),
-        ),
-        "Qwen3-8B (klein 9B)": (
-            Qwen3Config(
-                **qwen,
-                hidden_size=4096,
-                intermediate_size=12288,
-                num_attention_heads=32,
-                tie_word_embeddings=False,
-            ),
-            (9, 18, 27),
-        ),
-        "Mistral Small 3.x (dev)": (
-            Mistral3Config(
-                text_config=dict(
-                    model_type="mistral",
-                    vocab_size=131072,
-                    hidden_size=5120,
-                    intermediate_size=32768,
-                    num_hidden_layers=40,
-                    num_attention_heads=32,
-                    num_key_value_heads=8,
-                    head_dim=128,
-                ),
-                vision_config=dict(
-                    model_type="pixtral",
-                    hidden_size=1024,
-                    intermediate_size=4096,
-                    num_hidden_layers=24,
-                    num_attention_heads=16,
-                    image_size=1540,
-                    patch_size=14,
-                ),
-            ),
-            (10, 20, 30),
-        ),
+        "Qwen3-4B (klein 4B)": (real_qwen3_config("4B"), QWEN3_4B.out_layers),
+        "Qwen3-8B (klein 9B)": (real_qwen3_config("8B"), QWEN3_8B.out_layers),
+        "Mistral Small 3.x (dev)": (real_mistral_small_config(), MISTRAL_SMALL.out_layers),
     }
     for name, (config, layers) in configs.items():
+        full_class = Qwen3ForCausalLM if isinstance(config, Qwen3Config) else Mistral3ForConditionalGeneration
         with torch.device("meta"):
-            full = (Qwen3ForCausalLM if isinstance(config, Qwen3Config) else Mistral3)(config)
+            full = full_class(config)
             ours = TextEncoder(config, layers)
         n_full = sum(p.numel() for p in full.parameters())
         n_ours = sum(p.numel() for p in ours.parameters())
@@ -114,27 +72,20 @@ def main() -> None:
         scheduler=None, vae=None, text_encoder=full, tokenizer=tokenizer, transformer=None
     )
     with torch.device("meta"):
-        ours = TextEncoder(config, (9, 18, 27))
+        ours = TextEncoder(config, QWEN3_4B.out_layers)
     state = {k: full.state_dict()[names[0]] for k, names in ours.checkpoint_keys().items()}
     ours.load_state_dict(state, assign=True, strict=True)
 
     def theirs_fn():
-        return pipe.encode_prompt(PROMPTS, max_sequence_length=512, text_encoder_out_layers=(9, 18, 27))[0]
+        layers = QWEN3_4B.out_layers
+        return pipe.encode_prompt(PROMPTS, max_sequence_length=512, text_encoder_out_layers=layers)[0]
 
     def ours_fn():
         return encode_prompts(ours, tokenizer, PROMPTS, max_sequence_length=512).embeds
 
     with torch.inference_mode():
         assert torch.equal(theirs_fn(), ours_fn())  # same numbers, not merely close
-        theirs_t, ours_t = [], []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            theirs_fn()
-            theirs_t.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            ours_fn()
-            ours_t.append(time.perf_counter() - start)
-    a, b = statistics.median(theirs_t), statistics.median(ours_t)
+        a, b = side_by_side(theirs_fn, ours_fn, args.repeats)
     print(
         f"encode 1 prompt, 512 tokens, Qwen3 36 layers, hidden {args.hidden}, {args.dtype}: "
         f"diffusers {a * 1e3:.0f} ms   fluxforge {b * 1e3:.0f} ms   speed-up {a / b:.2f}x"

@@ -9,11 +9,10 @@ medians. Weights are random; sizes are a scaled-down klein (head dim 128 as in e
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from diffusers import Flux2Transformer2DModel
+from sidebyside import side_by_side  # noqa: E402  (benchmarks/, on sys.path when run as a script)
 
 from fluxforge.config import TransformerConfig
 from fluxforge.model.transformer import Flux2Transformer
@@ -22,15 +21,6 @@ from fluxforge.model.transformer import Flux2Transformer
 def grid_ids(h: int, w: int, t: int = 0) -> torch.Tensor:
     hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     return torch.stack([torch.full_like(hh, t), hh, ww, torch.zeros_like(hh)], dim=-1).reshape(-1, 4)
-
-
-def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -86,12 +76,7 @@ def main() -> None:
     )
     with torch.inference_mode():
         for name, (theirs_fn, ours_fn) in cases.items():
-            theirs_fn(), ours_fn()  # warm-up
-            theirs_t, ours_t = [], []
-            for _ in range(args.repeats):  # alternate so drift hits both alike
-                theirs_t += timed(theirs_fn, 1)
-                ours_t += timed(ours_fn, 1)
-            a, b = statistics.median(theirs_t), statistics.median(ours_t)
+            a, b = side_by_side(theirs_fn, ours_fn, args.repeats)
             print(
                 f"{name:28s} diffusers {a * 1e3:8.1f} ms   fluxforge {b * 1e3:8.1f} ms   "
                 f"speed-up {a / b:5.2f}x"
@@ -101,12 +86,11 @@ def main() -> None:
         kv = ours.forward_extract(
             torch.cat([refs, img], 1), txt, t, torch.cat([ref_ids, img_ids]), txt_ids, ref_ids.shape[0]
         ).reference_kv
-        full = timed(
+        a, b = side_by_side(
             lambda: ours(torch.cat([img, refs], 1), txt, t, torch.cat([img_ids, ref_ids]), txt_ids),
+            lambda: ours(img, txt, t, img_ids, txt_ids, reference_kv=kv),
             args.repeats,
         )
-        cached = timed(lambda: ours(img, txt, t, img_ids, txt_ids, reference_kv=kv), args.repeats)
-        a, b = statistics.median(full), statistics.median(cached)
         print(
             f"{'fluxforge KV cached step':28s} full refs {a * 1e3:8.1f} ms   cached    {b * 1e3:8.1f} ms   "
             f"speed-up {a / b:5.2f}x  (cache {kv.nbytes / 2**20:.1f} MiB)"

@@ -7,8 +7,16 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE as DIFFUSERS_SYSTEM_MESSAGE
 from safetensors.torch import load_file
-from tiny_text import mistral3_tokenizer, qwen3_tokenizer, randomize_, tiny_mistral3_config, tiny_qwen3_config
-from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
+from tiny_text import (
+    mistral3_tokenizer,
+    qwen3_tokenizer,
+    randomize_,
+    real_mistral_small_config,
+    real_qwen3_config,
+    tiny_mistral3_config,
+    tiny_qwen3_config,
+)
+from transformers import Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
 from fluxforge.config import MISTRAL_SMALL, QWEN3_4B
 from fluxforge.model.text import SYSTEM_MESSAGE, TextEncoder, encode_prompts
@@ -119,30 +127,7 @@ def test_dev_prompts_match_diffusers():
 
 
 def test_real_sizes_load_only_the_used_layers():
-    qwen3_4b = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-    )
-    mistral_small = Mistral3Config(
-        text_config={
-            "model_type": "mistral",
-            "vocab_size": 131072,
-            "hidden_size": 5120,
-            "intermediate_size": 32768,
-            "num_hidden_layers": 40,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "sliding_window": None,
-        },
-        vision_config={"model_type": "pixtral"},
-    )
+    qwen3_4b, mistral_small = real_qwen3_config("4B"), real_mistral_small_config()
     for config, spec in ((qwen3_4b, QWEN3_4B), (mistral_small, MISTRAL_SMALL)):
         with torch.device("meta"):
             encoder = TextEncoder(config, spec.out_layers)

@@ -122,3 +122,47 @@ def mistral3_tokenizer() -> PreTrainedTokenizerFast:
         additional_special_tokens=list(_MISTRAL3_SPECIALS[5:]) + ["[IMG]"],
         chat_template=MISTRAL3_CHAT_TEMPLATE,
     )
+
+
+def real_qwen3_config(size: str) -> Qwen3Config:
+    """The published Qwen3-4B / Qwen3-8B architectures (for meta-device size checks; no weights)."""
+    hidden, ffn, tied = {"4B": (2560, 9728, True), "8B": (4096, 12288, False)}[size]
+    return Qwen3Config(
+        vocab_size=151936,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=tied,
+    )
+
+
+def real_mistral_small_config() -> Mistral3Config:
+    """Mistral Small 3.x: the language model and its 24-layer Pixtral vision tower."""
+    return Mistral3Config(
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": 131072,
+            "hidden_size": 5120,
+            "intermediate_size": 32768,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "sliding_window": None,
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "head_dim": 64,
+            "image_size": 1540,
+            "patch_size": 14,
+        },
+        spatial_merge_size=2,
+        multimodal_projector_bias=False,
+    )
