@@ -211,3 +211,23 @@ def test_reference_kv_from_another_model_is_rejected():
     other = ours_from(tiny_diffusers_transformer(num_single_layers=3))
     with torch.no_grad(), pytest.raises(ValueError, match="holds 2 \\+ 2 layers, but this model has 2 \\+ 3"):
         other(x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"], reference_kv=kv)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(img=torch.zeros(1, 12, 5)), r"img must be \[B, S_img, 4\] latent tokens, got \[1, 12, 5\]"),
+        (dict(txt=torch.zeros(1, 7, 31)), r"txt must be \[B, S_txt, 32\] text features"),
+        (dict(txt=torch.zeros(2, 7, 32)), "batch sizes differ: img 1, txt 2"),
+        (
+            dict(img_ids=grid_ids(3, 3)),
+            r"img_ids must hold one \(T, H, W, L\) row per token, \[12, 4\]; got \[9, 4\]",
+        ),
+        (dict(txt_ids=text_ids(7)[:, :3]), r"txt_ids must hold one .* \[7, 4\]; got \[7, 3\]"),
+    ],
+)
+def test_bad_inputs_say_what_was_expected(change, message):
+    ours = ours_from(tiny_diffusers_transformer())
+    x = {**inputs(1), **change}
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        ours(x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"])

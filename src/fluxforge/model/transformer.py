@@ -402,6 +402,30 @@ class Flux2Transformer(nn.Module):
         assert kv is not None
         return ExtractOutput(sample, kv)
 
+    def _check_inputs(
+        self, img: Tensor, txt: Tensor, timestep: Tensor, img_pos: Tensor, txt_pos: Tensor
+    ) -> None:
+        cfg = self.config
+        if img.ndim != 3 or img.shape[-1] != cfg.in_channels:
+            raise ValueError(
+                f"img must be [B, S_img, {cfg.in_channels}] latent tokens, got {list(img.shape)}"
+            )
+        if txt.ndim != 3 or txt.shape[-1] != cfg.joint_attention_dim:
+            raise ValueError(
+                f"txt must be [B, S_txt, {cfg.joint_attention_dim}] text features, got {list(txt.shape)}"
+            )
+        if txt.shape[0] != img.shape[0] or timestep.numel() not in (1, img.shape[0]):
+            raise ValueError(
+                f"batch sizes differ: img {img.shape[0]}, txt {txt.shape[0]}, timestep {timestep.numel()} "
+                "(a timestep may also be a single value for the whole batch)"
+            )
+        for name, pos, tokens in (("img_ids", img_pos, img), ("txt_ids", txt_pos, txt)):
+            if tuple(pos.shape) != (tokens.shape[1], 4):
+                raise ValueError(
+                    f"{name} must hold one (T, H, W, L) row per token, [{tokens.shape[1]}, 4]; "
+                    f"got {list(pos.shape)}"
+                )
+
     def _run(
         self,
         img: Tensor,
@@ -415,6 +439,8 @@ class Flux2Transformer(nn.Module):
         ref_timestep: float = 0.0,
         reference_kv: ReferenceKV | None = None,
     ) -> tuple[Tensor, ReferenceKV | None]:
+        img_pos, txt_pos = _positions(img_ids, "img_ids"), _positions(txt_ids, "txt_ids")
+        self._check_inputs(img, txt, timestep, img_pos, txt_pos)
         img, txt = img.to(self.dtype), txt.to(self.dtype)
         n_txt, n_img = txt.shape[1], img.shape[1] - num_ref
         # Cast before x1000, as the reference does (this quantizes t and g in bf16). [B], [1] or a scalar.
@@ -441,7 +467,6 @@ class Flux2Transformer(nn.Module):
                 dim=1,
             )
 
-        img_pos, txt_pos = _positions(img_ids, "img_ids"), _positions(txt_ids, "txt_ids")
         cos, sin = self.rope(torch.cat([txt_pos, img_pos], dim=0))  # text first, as in the joint sequence
 
         img = self.x_embedder(img)  # [B, S_img, D]
