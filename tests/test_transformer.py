@@ -231,3 +231,27 @@ def test_bad_inputs_say_what_was_expected(change, message):
     x = {**inputs(1), **change}
     with torch.no_grad(), pytest.raises(ValueError, match=message):
         ours(x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"])
+
+
+def test_real_head_dim_and_rope_axes_match_diffusers():
+    """Head dim 128 with the real (32, 32, 32, 32) RoPE axes, ids in the ranges a 1024px image with a
+    reference and a long prompt produce (H, W up to 63, T = 10, L up to 511)."""
+    ref = tiny_diffusers_transformer(
+        guidance_embeds=True,
+        attention_head_dim=128,
+        axes_dims_rope=(32, 32, 32, 32),
+        num_layers=1,
+        num_single_layers=1,
+    )
+    ours = ours_from(ref)
+    gen = torch.Generator().manual_seed(5)
+    img_ids = torch.cat([grid_ids(4, 3) * torch.tensor([1, 21, 31, 1]), grid_ids(2, 2, t=10) * 30])
+    txt_ids = text_ids(9) * 60
+    img = torch.randn(2, img_ids.shape[0], 4, generator=gen)
+    txt = torch.randn(2, 9, 32, generator=gen)
+    t, g = torch.tensor([0.91, 0.13]), torch.tensor([4.0, 2.5])
+    with torch.no_grad():
+        expected = ref(img, txt, t, img_ids, txt_ids, g, return_dict=False)[0]
+        got = ours(img, txt, t, img_ids, txt_ids, g)
+    assert img_ids[:, 1:3].max() >= 63 and txt_ids[:, 3].max() >= 480
+    assert (got - expected).abs().max() <= TOL

@@ -524,6 +524,11 @@ def load_tokenizer(folder: PathLike, kind: str) -> Any:
         if kind == "mistral3":
             return AutoProcessor.from_pretrained(folder, local_files_only=True)
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except ImportError as exc:  # transformers' PixtralProcessor needs torchvision
+        raise CheckpointError(
+            f"the dev tokenizer is a Pixtral processor, which needs an extra package ({exc})",
+            path=str(folder),
+        ) from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load the tokenizer ({exc})", path=str(folder)) from None
 
