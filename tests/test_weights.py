@@ -4,6 +4,7 @@ errors a user sees for files that cannot be loaded."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -346,3 +347,18 @@ def test_variant_override_must_fit_the_files(klein_folder, parts, tmp_path):
 def test_component_folder_points_to_its_parent(klein_folder):
     with pytest.raises(CheckpointError, match="one component of a diffusers model.*pass the model folder"):
         fluxforge.load(klein_folder / "transformer")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
+def test_pixtral_processor_without_torchvision_says_what_to_install(tmp_path):
+    from tiny_text import mistral3_tokenizer
+
+    mistral3_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "PixtralProcessor"}))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"image_processor_type": "PixtralImageProcessorFast", "processor_class": "PixtralProcessor"}
+        )
+    )
+    with pytest.raises(ImportError, match=r"Pixtral processor, .*\(pip install torchvision\)"):
+        weights.load_tokenizer(tmp_path, "mistral3")

@@ -525,9 +525,9 @@ def load_tokenizer(folder: PathLike, kind: str) -> Any:
             return AutoProcessor.from_pretrained(folder, local_files_only=True)
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except ImportError as exc:  # transformers' PixtralProcessor needs torchvision
-        raise CheckpointError(
-            f"the dev tokenizer is a Pixtral processor, which needs an extra package ({exc})",
-            path=str(folder),
+        raise ImportError(
+            f"the dev tokenizer in {folder} is a Pixtral processor, which transformers builds only with "
+            f"torchvision installed (pip install torchvision). {exc}"
         ) from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load the tokenizer ({exc})", path=str(folder)) from None
