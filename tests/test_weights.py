@@ -362,3 +362,13 @@ def test_pixtral_processor_without_torchvision_says_what_to_install(tmp_path):
     )
     with pytest.raises(ImportError, match=r"Pixtral processor, .*\(pip install torchvision\)"):
         weights.load_tokenizer(tmp_path, "mistral3")
+
+
+def test_sharded_text_encoder(parts, tmp_path):
+    parts["text_encoder"].save_pretrained(tmp_path / "te", max_shard_size="100KB")
+    assert (tmp_path / "te" / "model.safetensors.index.json").is_file()
+    encoder, text_cfg = weights.load_text_encoder(tmp_path / "te", VARIANTS["flux.2-klein-4b"])
+    assert text_cfg.out_layers == (1, 2, 3)
+    full = parts["text_encoder"].state_dict()
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, full[key.replace("lm.", "model.", 1)]), key
