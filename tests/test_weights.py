@@ -372,3 +372,15 @@ def test_sharded_text_encoder(parts, tmp_path):
     full = parts["text_encoder"].state_dict()
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, full[key.replace("lm.", "model.", 1)]), key
+
+
+def test_bfl_file_missing_a_sizing_key(tmp_path):
+    ref = tiny_diffusers_transformer()
+    state = to_bfl(ref.state_dict(), bfl.transformer_plan(TransformerConfig.from_dict(dict(ref.config))))
+    del state["txt_in.weight"]
+    save_file(state, tmp_path / "flux-2-klein-4b.safetensors")
+    with pytest.raises(
+        CheckpointError, match="cannot size the transformer: the key txt_in.weight is missing"
+    ) as err:
+        fluxforge.load(tmp_path / "flux-2-klein-4b.safetensors")
+    assert err.value.path == str(tmp_path / "flux-2-klein-4b.safetensors")

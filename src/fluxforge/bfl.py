@@ -102,8 +102,11 @@ def _shape(keys: Mapping[str, Any], key: str, path_hint: str) -> tuple[int, ...]
     try:
         return tuple(keys[key].shape)
     except KeyError:
+        where = getattr(keys, "where", None)  # weights.Tensors knows its file
         raise CheckpointError(
-            f"cannot size the {path_hint}: the key {key} is missing", missing=[key]
+            f"cannot size the {path_hint}: the key {key} is missing",
+            path=str(where) if where else None,
+            missing=[key],
         ) from None
 
 
