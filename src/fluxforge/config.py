@@ -193,6 +193,45 @@ class TextEncoderConfig:
         return len(self.out_layers) * self.hidden_size
 
 
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The flow-matching schedule (diffusers `FlowMatchEulerDiscreteScheduler`, as FLUX.2 uses it). The
+    defaults are that class's, so a scheduler_config.json reads the same here; FLUX.2's own configs
+    (`FLUX2_SCHEDULER`) use dynamic shifting."""
+
+    num_train_timesteps: int = 1000  # timestep = sigma x this; the DiT is given timestep / this
+    shift: float = 1.0  # static shift sigma' = s*sigma / (1 + (s-1)*sigma), used without dynamic shifting
+    use_dynamic_shifting: bool = False  # shift by mu, which depends on the image size and step count
+    time_shift_type: Literal["exponential", "linear"] = "exponential"
+
+    def __post_init__(self) -> None:
+        _require(self.num_train_timesteps > 0, "num_train_timesteps must be positive")
+        _require(self.shift > 0, f"shift must be positive, got {self.shift}")
+        _require(
+            self.time_shift_type in ("exponential", "linear"), f"bad time_shift_type {self.time_shift_type!r}"
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SchedulerConfig:
+        unsupported = [
+            k
+            for k in (
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "invert_sigmas",
+                "shift_terminal",
+                "stochastic_sampling",
+            )
+            if data.get(k)
+        ]
+        if unsupported:
+            raise ValueError(f"scheduler options {unsupported} are not used by FLUX.2 and not supported")
+        return _from_dict(cls, data, "scheduler")
+
+
+FLUX2_SCHEDULER = SchedulerConfig(shift=3.0, use_dynamic_shifting=True)
+
 GuidanceMode = Literal["embedded", "cfg", "none"]
 
 
@@ -228,6 +267,7 @@ class Variant:
     text_encoder: TextEncoderConfig
     defaults: PipelineDefaults
     vae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    scheduler: SchedulerConfig = FLUX2_SCHEDULER
     pipeline_class: str = "Flux2KleinPipeline"  # the diffusers pipeline with the same behaviour
 
     def __post_init__(self) -> None:

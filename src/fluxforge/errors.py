@@ -43,3 +43,7 @@ class CheckpointError(Exception):
 
 
 _SHOWN = 40
+
+
+class GenerationCancelled(Exception):
+    """A generation stopped at a step boundary because its `cancel` event was set."""

@@ -34,6 +34,7 @@ from fluxforge import bfl
 from fluxforge.config import (
     VARIANTS,
     AutoencoderConfig,
+    SchedulerConfig,
     TextEncoderConfig,
     TransformerConfig,
     Variant,
@@ -569,6 +570,7 @@ def load(
                 path=str(path),
             )
         family = _family_of_model_index(_read_json(index_path), index_path)
+        scheduler = _scheduler_config(path / "scheduler" / "scheduler_config.json")
         model, found_variant = load_transformer_folder(
             path / "transformer", family, dtype=dtype, device=device, variant=chosen
         )
@@ -579,10 +581,13 @@ def load(
             tokenizer_folder = text_encoder
     elif path.is_file():
         model, found_variant = load_transformer_file(path, dtype=dtype, device=device, variant=chosen)
+        scheduler = None
         tokenizer_folder = text_encoder
     else:
         raise CheckpointError("no such file or folder", path=str(path))
 
+    if scheduler is not None:
+        found_variant = dataclasses.replace(found_variant, scheduler=scheduler)
     components = Components(found_variant, model)
     if vae is not None:
         components.vae = load_vae(vae, dtype=dtype, device=device, variant=found_variant.name)
@@ -610,6 +615,16 @@ def load(
         components.variant = dataclasses.replace(components.variant, text_encoder=text_cfg)
     log.info("loaded %s from %s", components.variant.name, path)
     return components
+
+
+def _scheduler_config(path: Path) -> SchedulerConfig | None:
+    """The folder's own schedule (None: the variant's). FLUX.2 repos use dynamic exponential shifting."""
+    if not path.is_file():
+        return None
+    try:
+        return SchedulerConfig.from_dict(_read_json(path))
+    except ValueError as exc:
+        raise CheckpointError(str(exc), path=str(path)) from None
 
 
 def _agree(a: int, b: int, what_a: str, what_b: str, where: PathLike, variant: Variant) -> None:
