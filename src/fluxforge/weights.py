@@ -260,9 +260,10 @@ def load_module(
     for source_key, raw in tensors.read(sorted(consumers)):
         for key, src in consumers[source_key]:
             t = src.apply(raw)
-            state[key] = t.to(
-                device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None
-            )
+            # Always a fresh allocation: safetensors buffers are only 8-byte aligned, and BLAS kernels
+            # sum in a different order on unaligned memory (results then differ in the last bits).
+            cast = dtype if dtype is not None and t.is_floating_point() else None
+            state[key] = t.to(device=device, dtype=cast, copy=True)
         del raw
     for key in expected.keys() - state.keys():  # optional counters
         state[key] = torch.zeros((), dtype=torch.long, device=device)
