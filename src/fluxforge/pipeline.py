@@ -464,7 +464,9 @@ class Pipeline:
         floored = (width // m * m, height // m * m)
         if floored != (width, height):
             log.info("size %dx%d rounded down to %dx%d (multiples of %d)", width, height, *floored, m)
-        self._check_size(*floored, "width/height", original=(width, height))
+        self._check_size(
+            *floored, "width/height", original=None if floored == (width, height) else (width, height)
+        )
         return floored
 
     def _check_size(
@@ -580,10 +582,33 @@ def _check_strength(strength: Any) -> None:
         )
 
 
+# diffusers argument names a porting user is likely to try, and what fluxforge calls them.
+_DIFFUSERS_NAMES = {
+    "image": "an input image is either references=[...] (reference conditioning: extra attention tokens, "
+    "nothing noised, no strength) or init_image= with strength= (img2img; add mask= to inpaint)",
+    "image_reference": "use references=[...]",
+    "mask_image": "use mask= (with init_image=)",
+    "denoising_strength": "use strength= (with init_image=)",
+    "num_inference_steps": "use steps=",
+    "guidance_scale": "use guidance=",
+    "num_images_per_prompt": "use num_images=",
+    "latents": "use noise= ([B, C, h, w] normalized, patchified), or seed=",
+    "output_type": "results carry .images (PIL), .pixels and .latents",
+}
+
+
 def _reject_unknown(kwargs: dict[str, Any], cls: type, where: str) -> None:
     fields = {f.name for f in dataclasses.fields(cls)}
     for name in kwargs:
-        if name not in fields:
-            close = difflib.get_close_matches(name, fields | {"on_step", "cancel"}, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"{where}() got an unexpected keyword argument {name!r}{hint}")
+        if name in fields:
+            continue
+        if name in _DIFFUSERS_NAMES:
+            raise TypeError(
+                f"{where}() got an unexpected keyword argument {name!r}: {_DIFFUSERS_NAMES[name]}"
+            )
+        close = difflib.get_close_matches(name, fields | _GENERATE_PARAMETERS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(f"{where}() got an unexpected keyword argument {name!r}{hint}")
+
+
+_GENERATE_PARAMETERS = {"on_step", "cancel"}
