@@ -213,3 +213,20 @@ def test_saved_png_carries_the_settings(pipes, tmp_path):
     meta = read_png_metadata(path)
     assert meta["prompt"] == "a red fox" and meta["seed"] == 42 and meta["steps"] == 2
     assert meta["mode"] == "text-to-image" and meta["variant"] == "flux.2-klein-custom"
+
+
+def test_each_saved_image_carries_its_own_prompt_and_seed(pipes, tmp_path):
+    from fluxforge.images import read_png_metadata
+
+    result = pipes[0].generate(
+        ["a fox", "a cat"], num_images=2, width=32, height=32, steps=1, seed=7, **COMMON
+    )
+    paths = result.save(tmp_path / "batch.png")
+    metas = [read_png_metadata(p) for p in paths]
+    assert [(m["prompt"], m["seed"]) for m in metas] == [
+        ("a fox", 7),
+        ("a fox", 8),
+        ("a cat", 9),
+        ("a cat", 10),
+    ]
+    assert [p.name for p in paths] == ["batch-0.png", "batch-1.png", "batch-2.png", "batch-3.png"]

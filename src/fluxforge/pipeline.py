@@ -91,18 +91,13 @@ class GenerationResult:
     pixels: Tensor | None = None  # [B, 3, H, W] decoded, in about [-1, 1]
 
     def metadata(self, index: int) -> dict[str, Any]:
-        keep = (
-            "prompt",
-            "negative_prompt",
-            "mode",
-            "variant",
-            "width",
-            "height",
-            "steps",
-            "guidance",
-            "strength",
-        )
-        return {**{k: self.info[k] for k in keep if self.info.get(k) is not None}, "seed": self.seeds[index]}
+        """The settings of image `index`, for its PNG: its own prompt and seed, and the shared settings."""
+        keep = ("negative_prompt", "mode", "variant", "width", "height", "steps", "guidance", "strength")
+        prompt = self.info.get("prompt")
+        if isinstance(prompt, list):  # prompts p0, p0, ..., p1, ...: num_images each
+            prompt = prompt[index // self.info["num_images"]]
+        shared = {k: self.info[k] for k in keep if self.info.get(k) is not None}
+        return {"prompt": prompt, **shared, "seed": self.seeds[index]}
 
     def save(self, path: str | Path) -> list[Path]:
         """Save every image as PNG with its settings in the metadata; several images get -0, -1, ..."""
@@ -251,6 +246,7 @@ class Pipeline:
             "schedule_steps": schedule.num_steps,
             "guidance": plan.guidance,
             "strength": plan.strength,
+            "num_images": r.num_images,
             "num_references": len(plan.reference_pixels),
             "reference_sizes": [tuple(p.shape[-1:-3:-1]) for p in plan.reference_pixels],
             "max_sequence_length": plan.max_sequence_length,
