@@ -245,6 +245,7 @@ class PipelineDefaults:
     distilled: bool  # step- and guidance-distilled weights (diffusers `is_distilled`)
     reference_kv: bool = False  # reference tokens are cached as per-layer K/V (klein 9B KV)
     max_sequence_length: int = 512  # text tokens, padded; padding takes part in attention
+    size: int | None = None  # output side in pixels when none is asked; None -> 128 latent pixels (1024)
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
@@ -256,6 +257,7 @@ class PipelineDefaults:
             "guidance must be None exactly when guidance_mode is 'none'",
         )
         _require(self.max_sequence_length >= 1, "max_sequence_length must be >= 1")
+        _require(self.size is None or self.size > 0, f"size must be positive, got {self.size}")
 
 
 @dataclass(frozen=True)
@@ -309,6 +311,38 @@ DISTILLED = PipelineDefaults(steps=4, guidance=None, guidance_mode="none", disti
 BASE = PipelineDefaults(steps=50, guidance=4.0, guidance_mode="cfg", distilled=False)
 KV = PipelineDefaults(steps=4, guidance=None, guidance_mode="none", distilled=True, reference_kv=True)
 
+# The built-in demo (fluxforge/demo): a tiny klein-base-like model trained in this repository on 64 x 64
+# procedural scenes by tools/train_demo.py. Its frozen text encoder is a 2-layer Qwen3 whose hidden states
+# 1 and 2 are both used; 40 tokens hold the chat template and the longest caption.
+DEMO = Variant(
+    "fluxforge-demo",
+    TransformerConfig(
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=128,
+        axes_dims_rope=(8, 8, 8, 8),
+        guidance_embeds=False,
+    ),
+    TextEncoderConfig("qwen3", 64, 2, (1, 2), "fluxforge (built in)"),
+    PipelineDefaults(
+        steps=12, guidance=4.0, guidance_mode="cfg", distilled=False, max_sequence_length=40, size=64
+    ),
+    vae=AutoencoderConfig(
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+    ),
+    # 64 tokens need less shift towards high noise than FLUX.2's megapixel images.
+    scheduler=SchedulerConfig(shift=2.0),
+)
+
 _KLEIN_4B = _klein_transformer(5, 20, 24, 2560)
 _KLEIN_9B = _klein_transformer(8, 24, 32, 4096)
 
@@ -328,6 +362,7 @@ VARIANTS: MappingProxyType[str, Variant] = MappingProxyType(
             Variant("flux.2-klein-base-4b", _KLEIN_4B, QWEN3_4B, BASE),
             Variant("flux.2-klein-base-9b", _KLEIN_9B, QWEN3_8B, BASE),
             Variant("flux.2-klein-9b-kv", _KLEIN_9B, QWEN3_8B, KV, pipeline_class="Flux2KleinKVPipeline"),
+            DEMO,
         )
     }
 )

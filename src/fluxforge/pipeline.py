@@ -37,6 +37,7 @@ from torch import Tensor
 from fluxforge import images
 from fluxforge.conditioning import ReferenceTokens, draw_noise, encode_references, grid_ids, mask_tokens
 from fluxforge.config import Variant
+from fluxforge.demo import DEMO_PATH
 from fluxforge.model.autoencoder import AutoEncoder, pack
 from fluxforge.model.text import TextEmbeddings, encode_prompts, text_ids
 from fluxforge.model.transformer import Flux2Transformer, ReferenceKV
@@ -126,16 +127,26 @@ class Pipeline:
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         vae: str | Path | None = None,
         text_encoder: str | Path | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | str | None = None,
         variant: str | Variant | None = None,
     ) -> Pipeline:
+        """`path` None loads the built-in demo model (variant fluxforge-demo, see fluxforge.demo)."""
+        if path is None:
+            # A warning, so that it shows without any logging set up: the images will not be FLUX.2's.
+            log.warning("using the built-in demo model; pass -m for a FLUX.2 checkpoint")
+            path = DEMO_PATH
         return cls(
             load(path, vae=vae, text_encoder=text_encoder, device=device, dtype=dtype, variant=variant)
         )
+
+    @property
+    def default_size(self) -> int:
+        """Output side when a request gives none: the variant's, else 128 latent pixels (1024 for FLUX.2)."""
+        return self.variant.defaults.size or 128 * self.vae.config.spatial_scale
 
     @property
     def pixels_per_token(self) -> int:
@@ -390,7 +401,7 @@ class Pipeline:
         elif refs:
             height, width = refs[0].shape[-2:]
         else:
-            width = height = 128 * self.vae.config.spatial_scale  # 1024 for FLUX.2
+            width = height = self.default_size
         seeds = None
         if r.noise is None and r.generator is None:
             base = random.randrange(2**31) if r.seed is None else _check_int(r.seed, "seed", 0, 2**63 - 1)
@@ -453,7 +464,7 @@ class Pipeline:
         return "inpaint" if r.mask is not None else "img2img"
 
     def _output_size(self, width: int | None, height: int | None) -> tuple[int, int]:
-        default = 128 * self.vae.config.spatial_scale
+        default = self.default_size
         width = default if width is None else _check_int(width, "width", 1, 1 << 16)
         height = default if height is None else _check_int(height, "height", 1, 1 << 16)
         m = self.pixels_per_token

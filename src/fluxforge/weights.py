@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from fluxforge import bfl
 from fluxforge.config import (
+    DEMO,
     VARIANTS,
     AutoencoderConfig,
     SchedulerConfig,
@@ -321,7 +322,9 @@ def _variant_for(family: str, transformer: TransformerConfig) -> Variant:
     for v in members:
         if v.transformer.same_architecture(transformer):
             return v
-    closest = min(members, key=lambda v: abs(v.transformer.inner_dim - transformer.inner_dim))
+    # A custom size is an official model resized; the demo's small defaults (size, steps) would not suit it.
+    official = [v for v in members if v is not DEMO]
+    closest = min(official, key=lambda v: abs(v.transformer.inner_dim - transformer.inner_dim))
     return dataclasses.replace(closest, name=f"{family}-custom", transformer=transformer)
 
 
