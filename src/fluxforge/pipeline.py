@@ -78,6 +78,9 @@ class GenerationRequest:
     prompt_embeds: Tensor | None = None  # [B, L, joint_attention_dim] instead of `prompt`
     negative_prompt_embeds: Tensor | None = None
     noise: Tensor | None = None  # [B*n, C, h, w] start noise instead of drawing it from seeds
+    # [B*n, C, h, w] img2img / inpainting: the latents to start from, already noised, instead of the init
+    # image noised to the strength's sigma (diffusers' `latents=` in its inpainting pipeline)
+    start_latents: Tensor | None = None
     generator: torch.Generator | Sequence[torch.Generator] | None = None  # diffusers-style noise draw
     sigmas: Sequence[float] | None = None  # a custom schedule before shifting
     decode: bool = True  # False: return latents only
@@ -226,7 +229,10 @@ class Pipeline:
         noise = pack(noise)  # [B, h*w, C]
         schedule = make_schedule(plan.steps, h * w, variant.scheduler, list(r.sigmas) if r.sigmas else None)
         start = start_step(plan.steps, plan.strength) if plan.strength is not None else 0
-        x = noise if init_tokens is None else add_noise(init_tokens, noise, schedule.sigmas[start])
+        if r.start_latents is not None:
+            x = pack(r.start_latents.to(dtype))
+        else:
+            x = noise if init_tokens is None else add_noise(init_tokens, noise, schedule.sigmas[start])
 
         blend = None
         if plan.mask is not None:
@@ -285,7 +291,7 @@ class Pipeline:
         text = encode(plan.prompts, r.prompt_embeds)
         negative = None
         if plan.cfg:
-            negatives = [plan.negative_prompt or ""] * max(len(plan.prompts), 1)
+            negatives = [plan.negative_prompt or ""] * (plan.batch // r.num_images)  # one per prompt or embed
             negative = encode(negatives, r.negative_prompt_embeds)
         return text, negative
 
@@ -396,10 +402,14 @@ class Pipeline:
             height, width = init_pixels.shape[-2:]
             if r.mask is not None:
                 mask_pixels = self._load_mask(r.mask, (width, height), r.mask_alpha_is_repaint)
+        elif refs:  # a side not given is the first reference's
+            height, width = refs[0].shape[-2:]
+            if r.width is not None or r.height is not None:
+                width, height = self._output_size(
+                    width if r.width is None else r.width, height if r.height is None else r.height
+                )
         elif r.width is not None or r.height is not None:
             width, height = self._output_size(r.width, r.height)
-        elif refs:
-            height, width = refs[0].shape[-2:]
         else:
             width = height = self.default_size
         seeds = None
@@ -408,13 +418,21 @@ class Pipeline:
             seeds = [base + b for b in range(batch)]
         elif r.seed is not None:
             raise ValueError("seed= cannot be combined with noise= or generator=; pass one way to get noise")
-        if r.noise is not None:
-            h, w = height // self.pixels_per_token, width // self.pixels_per_token
-            expected = (batch, self.transformer.config.in_channels, h, w)
-            if tuple(r.noise.shape) != expected:
-                raise ValueError(
-                    f"noise must be {list(expected)} for this request, got {list(r.noise.shape)}"
-                )
+        if r.start_latents is not None and init_pixels is None:
+            raise ValueError(
+                "start_latents= needs init_image=: it replaces the noised init image; for text-to-image "
+                "pass the starting noise as noise="
+            )
+        if isinstance(r.generator, Sequence) and len(r.generator) != batch:
+            raise ValueError(
+                f"{len(r.generator)} generators given for {batch} images; pass one per image, or a "
+                "single generator for the whole batch"
+            )
+        h, w = height // self.pixels_per_token, width // self.pixels_per_token
+        expected = (batch, self.transformer.config.in_channels, h, w)
+        for name, given in (("noise", r.noise), ("start_latents", r.start_latents)):
+            if given is not None and tuple(given.shape) != expected:
+                raise ValueError(f"{name} must be {list(expected)} for this request, got {list(given.shape)}")
         return _Plan(
             mode,
             prompts,

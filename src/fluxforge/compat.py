@@ -1,0 +1,698 @@
+"""Drop-in facades with the diffusers 0.42.1 FLUX.2 call signatures, as thin adapters over `Pipeline`.
+
+Porting is one changed import:
+
+    from fluxforge.compat import Flux2KleinPipeline        # was: from diffusers import Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline.from_pretrained("FLUX.2-klein-4B", torch_dtype=torch.bfloat16)
+    image = pipe(prompt="a fox", generator=torch.Generator().manual_seed(0)).images[0]
+
+Every call becomes one `GenerationRequest`, run by `Pipeline.run`; the result is shaped as diffusers shapes
+it. The same inputs, `generator` (one, or one per image) and `latents` (4-D [B*n, C, h, w], normalized and
+patchified) give the same outputs as diffusers (fp32 within 1e-5), and `output_type` means what it means
+there: "pil", "np" ([B, H, W, 3] in [0, 1]), "pt" ([B, 3, H, W] in [0, 1]) and "latent" (dev: packed
+normalized tokens [B, S, C]; the klein pipelines: raw VAE latents [B, C/4, H/8, W/8]).
+
+Deliberate differences from diffusers:
+  * The three ways to use an image are never confused: arguments of another mode (`strength=` on a
+    reference pipeline, ...) raise a TypeError that says which pipeline or parameter was meant, and any other
+    unknown argument is named with its closest valid spelling.
+  * Reference images may be numpy arrays or tensors as well as PIL images (diffusers documents them but
+    only takes PIL). References, the init image and the mask (one each) are shared by the whole batch.
+  * `text_encoder_out_layers` must be the layers the text encoder was loaded for (fluxforge builds only
+    those); `attention_kwargs`, `padding_mask_crop`, caption upsampling and callbacks that replace tensors
+    raise NotImplementedError instead of being half supported.
+  * `from_pretrained` takes `Pipeline.from_pretrained`'s arguments, with `torch_dtype=` as a synonym of
+    `dtype=`, and checks that the model is one the class runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import Tensor
+
+from fluxforge.config import Variant
+from fluxforge.images import ImageInput
+from fluxforge.model.autoencoder import unpack, unpatchify
+from fluxforge.pipeline import GenerationRequest, GenerationResult, Pipeline
+from fluxforge.sampling import StepInfo, make_schedule
+
+log = logging.getLogger(__name__)
+
+Images = ImageInput | Sequence[ImageInput]
+StepCallback = Callable[[Any, int, Tensor, dict[str, Tensor]], dict[str, Tensor] | None]
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+_CALLBACK_TENSORS = ("latents", "prompt_embeds")  # what diffusers lets a FLUX.2 callback ask for
+
+_FAMILY_NAMES = {
+    "flux.2-dev": "FLUX.2 [dev]",
+    "flux.2-klein": "FLUX.2 [klein]",
+    "flux.2-klein-base": "FLUX.2 [klein] base",
+    "flux.2-klein-kv": "FLUX.2 [klein] KV",
+}
+_REFERENCE_CLASS = {
+    "flux.2-dev": "Flux2Pipeline",
+    "flux.2-klein": "Flux2KleinPipeline",
+    "flux.2-klein-base": "Flux2KleinPipeline",
+    "flux.2-klein-kv": "Flux2KleinKVPipeline",
+}
+
+_REFERENCE_MODE = (
+    "image= here is reference conditioning: each image becomes extra attention tokens and nothing is noised, "
+    "so there is no strength or mask."
+)
+_IMG2IMG_FIX = "fluxforge.Pipeline.generate(init_image=..., strength=...)"
+_INPAINT_FIX = "fluxforge.Pipeline.generate(init_image=..., mask=..., strength=...)"
+
+
+_KLEIN_IMG2IMG = f"Flux2KleinImg2ImgPipeline(image=..., strength=...) or {_IMG2IMG_FIX}"
+_KLEIN_INPAINT = f"Flux2KleinInpaintPipeline(image=..., mask_image=..., strength=...) or {_INPAINT_FIX}"
+
+
+def _mode_hints(img2img: str, inpaint: str) -> dict[str, str]:
+    """Why a reference pipeline refuses the arguments of img2img and inpainting, and what to use instead."""
+    start = f"{_REFERENCE_MODE} To start from an image and keep part of it, use {img2img}."
+    repaint = f"{_REFERENCE_MODE} To repaint part of an image, use {inpaint}."
+    return {
+        "strength": start,
+        "denoising_strength": start,
+        "init_image": start,
+        "mask_image": repaint,
+        "mask": repaint,
+        "image_reference": "reference images go in image= here (image_reference= is the inpainting "
+        "pipeline's name for them)",
+    }
+
+
+_NO_NEGATIVE_TEXT = (
+    'diffusers\' klein pipelines take no negative prompt text (they use ""): pass negative_prompt_embeds=, '
+    "or use fluxforge.Pipeline.generate(negative_prompt=...)"
+)
+_SOURCE_HINTS = {  # the inpainting and img2img pipelines, whose image= is the picture to start from
+    "init_image": "the image to start from is image= here",
+    "denoising_strength": "use strength=",
+    "reference_images": "reference images go in image_reference=",
+    "references": "reference images go in image_reference=",
+    "negative_prompt": _NO_NEGATIVE_TEXT,
+}
+_DEV_GUIDANCE = (
+    "FLUX.2 [dev] is guidance-distilled: guidance_scale is embedded and there is no negative prompt"
+)
+
+
+@dataclass
+class Flux2PipelineOutput:
+    """What the facades return with return_dict=True, as diffusers' class of the same name."""
+
+    images: list[PIL.Image.Image] | np.ndarray | Tensor  # as output_type asked
+
+
+Facade = TypeVar("Facade", bound="_Facade")
+
+
+class _Facade:
+    """Loading, the checks every diffusers FLUX.2 pipeline makes, running one request, shaping the result."""
+
+    families: ClassVar[tuple[str, ...]]  # Variant.family values this class runs
+    packed_latents: ClassVar[bool] = False  # output_type="latent": packed tokens (dev) or raw VAE latents
+    hints: ClassVar[dict[str, str]] = {}  # names of other pipelines' arguments -> what to do instead
+    other_use: ClassVar[str] = ""  # ends the wrong-model error: another way to use such a model
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        if not isinstance(pipeline, Pipeline):
+            raise TypeError(
+                f"{type(self).__name__}() wraps a fluxforge.Pipeline, got {type(pipeline).__name__}; "
+                f"load a model with {type(self).__name__}.from_pretrained(path)"
+            )
+        family = pipeline.variant.family
+        if family not in self.families:
+            runs = " or ".join(_FAMILY_NAMES[f] for f in self.families)
+            raise ValueError(
+                f"{type(self).__name__} runs {runs} models, and {pipeline.variant.name} is "
+                f"{_FAMILY_NAMES.get(family, family)}: load it with "
+                f"{_REFERENCE_CLASS.get(family, 'Pipeline')}{self.other_use}"
+            )
+        self.pipeline = pipeline
+
+    @classmethod
+    def from_pretrained(
+        cls: type[Facade],
+        path: str | Path,
+        *,
+        vae: str | Path | None = None,
+        text_encoder: str | Path | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str | None = None,
+        variant: str | Variant | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        **unknown: Any,
+    ) -> Facade:
+        """Load a model as `fluxforge.Pipeline.from_pretrained` does; `torch_dtype=` is diffusers' name for
+        `dtype=`. Hub ids are not downloaded: pass a local folder."""
+        _reject(
+            unknown, inspect.signature(cls.from_pretrained).parameters, {}, f"{cls.__name__}.from_pretrained"
+        )
+        if dtype is not None and torch_dtype is not None:
+            raise TypeError("pass dtype= or its diffusers name torch_dtype=, not both")
+        pipeline = Pipeline.from_pretrained(
+            path,
+            vae=vae,
+            text_encoder=text_encoder,
+            device=device,
+            dtype=dtype if torch_dtype is None else torch_dtype,
+            variant=variant,
+        )
+        return cls(pipeline)
+
+    # -----------------------------------------------------------------------------------------------------
+
+    def _check(
+        self,
+        unknown: dict[str, Any],
+        *,
+        output_type: str,
+        attention_kwargs: dict[str, Any] | None,
+        callback: StepCallback | None,
+        callback_inputs: Sequence[str],
+        text_encoder_out_layers: Sequence[int],
+    ) -> None:
+        """The arguments every facade shares, checked before any work is done."""
+        name = type(self).__name__
+        _reject(unknown, inspect.signature(type(self).__call__).parameters, self.hints, f"{name}.__call__")
+        if attention_kwargs:
+            raise NotImplementedError(
+                f"attention_kwargs={attention_kwargs!r}: fluxforge has no attention processors or LoRA "
+                "scales to pass them to; leave attention_kwargs out"
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}"
+            )
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+        unsupported = [k for k in callback_inputs if k not in _CALLBACK_TENSORS]
+        if unsupported:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs has to be in {list(_CALLBACK_TENSORS)}, but found "
+                f"{unsupported}"
+            )
+        if "prompt_embeds" in callback_inputs:
+            raise NotImplementedError(
+                "callback_on_step_end_tensor_inputs: fluxforge.compat hands callbacks only 'latents'; "
+                "leave 'prompt_embeds' out"
+            )
+        encoder = self.pipeline.components.text_encoder
+        if encoder is not None and tuple(text_encoder_out_layers) != tuple(encoder.out_layers):
+            raise ValueError(
+                f"text_encoder_out_layers={tuple(text_encoder_out_layers)}, but the text encoder was loaded "
+                f"for layers {encoder.out_layers} (fluxforge builds only the layers it reads); pass "
+                f"text_encoder_out_layers={encoder.out_layers} or leave it out"
+            )
+
+    def _guidance(self, guidance_scale: float | None) -> float | None:
+        """klein's rule: classifier-free guidance on base models; distilled ones ignore the scale, with
+        diffusers' warning."""
+        if self.pipeline.variant.defaults.guidance_mode == "cfg":
+            return guidance_scale
+        if guidance_scale is not None and guidance_scale > 1:
+            log.warning("Guidance scale %s is ignored for step-wise distilled models.", guidance_scale)
+        return None
+
+    def _run(
+        self,
+        request: GenerationRequest,
+        callback: StepCallback | None,
+        callback_inputs: Sequence[str],
+    ) -> GenerationResult:
+        on_step = None if callback is None else self._step_callback(request, callback, callback_inputs)
+        return self.pipeline.run(request, on_step=on_step)
+
+    def _step_callback(
+        self, request: GenerationRequest, callback: StepCallback, names: Sequence[str]
+    ) -> Callable[[StepInfo], None]:
+        """`callback_on_step_end(pipe, i, t, {"latents": ...})` as diffusers calls it: i counts the steps
+        this call runs from 0, t is the scheduler timestep (sigma x 1000) and latents are packed [B, S, C]."""
+        timesteps: list[Tensor] = []  # the schedule's, found on the first step from the token count
+
+        def on_step(info: StepInfo) -> None:
+            if not timesteps:
+                sigmas = list(request.sigmas) if request.sigmas else None
+                schedule = make_schedule(
+                    request.steps, info.latents.shape[1], self.pipeline.variant.scheduler, sigmas
+                )
+                timesteps.extend(schedule.timesteps[schedule.num_steps - info.total :])
+            returned = callback(
+                self, info.step - 1, timesteps[info.step - 1], {k: info.latents for k in names}
+            )
+            if returned is not None and not isinstance(returned, dict):
+                raise TypeError(
+                    f"callback_on_step_end must return its callback_kwargs dict (or None), got "
+                    f"{type(returned).__name__}"
+                )
+            for key, value in (returned or {}).items():
+                same = isinstance(value, Tensor) and (
+                    value is info.latents or torch.equal(value, info.latents)
+                )
+                if key != "latents" or not same:
+                    raise NotImplementedError(
+                        f"callback_on_step_end returned a changed {key!r}; fluxforge.compat cannot feed "
+                        "tensors back into the sampling loop: return the callback_kwargs unchanged (or None)"
+                    )
+
+        return on_step
+
+    def _output(
+        self, result: GenerationResult, output_type: str, return_dict: bool
+    ) -> Flux2PipelineOutput | tuple[Any]:
+        if output_type == "latent":
+            images: Any = result.latents
+            if not self.packed_latents:  # unpack, de-normalize and unpatchify, as the klein pipelines do
+                vae, grid = self.pipeline.vae, self.pipeline.pixels_per_token
+                h, w = result.info["height"] // grid, result.info["width"] // grid
+                images = unpatchify(vae.denormalize(unpack(result.latents, h, w)), vae.config.patch_size)
+        elif output_type == "pil":
+            images = result.images
+        else:
+            unit = (result.pixels * 0.5 + 0.5).clamp(0, 1)  # VaeImageProcessor.postprocess
+            images = unit if output_type == "pt" else unit.cpu().permute(0, 2, 3, 1).float().numpy()
+        return Flux2PipelineOutput(images) if return_dict else (images,)
+
+
+def _reject(unknown: dict[str, Any], parameters: Any, hints: dict[str, str], where: str) -> None:
+    """A TypeError for the first unknown keyword: the hint for a known mix-up, else the closest valid name."""
+    for name in unknown:
+        if name in hints:
+            raise TypeError(f"{where}() got an unexpected keyword argument {name!r}: {hints[name]}")
+        valid = [p for p, v in parameters.items() if p != "self" and v.kind != inspect.Parameter.VAR_KEYWORD]
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(f"{where}() got an unexpected keyword argument {name!r}{hint}")
+
+
+def _images(images: Images | None) -> tuple[ImageInput, ...]:
+    """One image or a list of them, as a tuple (each its own reference)."""
+    if images is None:
+        return ()
+    return tuple(images) if isinstance(images, (list, tuple)) else (images,)
+
+
+def _not_a_prompt(image: Images | None, prompt: Any, prompt_embeds: Tensor | None) -> None:
+    """diffusers' FLUX.2 pipelines other than inpainting take image= first, so pipe("a fox") passes the
+    prompt as an image; say so instead of looking for a file called "a fox"."""
+    if isinstance(image, str) and prompt is None and prompt_embeds is None:
+        raise TypeError(
+            f"image={image!r:.60} looks like a prompt: the first positional argument here is image=, as in "
+            "diffusers; pass the prompt by name: pipe(prompt=...)"
+        )
+
+
+def _single(image: Images | None, param: str, what: str) -> ImageInput | None:
+    """One image, or a list holding one: fluxforge shares one init image / mask across the batch."""
+    if not isinstance(image, (list, tuple)):
+        return image
+    if len(image) != 1:
+        raise ValueError(
+            f"{param}: got a list of {len(image)} images; pass one {what}, which every image of the batch "
+            "shares (diffusers' per-image lists are not supported: make one call per image)"
+        )
+    return image[0]
+
+
+class Flux2Pipeline(_Facade):
+    """FLUX.2 [dev] with diffusers' `Flux2Pipeline` call: text-to-image and reference conditioning (image=),
+    guidance embedded in the model (guidance_scale, no negative prompt)."""
+
+    families = ("flux.2-dev",)
+    packed_latents = True  # dev's output_type="latent" is the packed normalized tokens
+    hints = {
+        **_mode_hints(_IMG2IMG_FIX, _INPAINT_FIX),  # diffusers has neither for dev
+        "negative_prompt": _DEV_GUIDANCE,
+        "negative_prompt_embeds": _DEV_GUIDANCE,
+    }
+
+    def __call__(
+        self,
+        image: Images | None = None,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float | None = 4.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        prompt_embeds: Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: tuple[int, ...] = (10, 20, 30),
+        caption_upsample_temperature: float | None = None,
+        **kwargs: Any,
+    ) -> Flux2PipelineOutput | tuple[Any]:
+        self._check(
+            kwargs,
+            output_type=output_type,
+            attention_kwargs=attention_kwargs,
+            callback=callback_on_step_end,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+            text_encoder_out_layers=text_encoder_out_layers,
+        )
+        _not_a_prompt(image, prompt, prompt_embeds)
+        if caption_upsample_temperature:
+            raise NotImplementedError(
+                "caption_upsample_temperature: fluxforge does not rewrite prompts with the text encoder; "
+                "rewrite the prompt before the call and leave caption_upsample_temperature out"
+            )
+        request = GenerationRequest(
+            prompt=prompt,
+            references=_images(image),
+            width=width,
+            height=height,
+            steps=num_inference_steps,
+            guidance=guidance_scale,
+            num_images=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+            prompt_embeds=prompt_embeds,
+            noise=latents,
+            generator=generator,
+            sigmas=sigmas,
+            decode=output_type != "latent",
+        )
+        result = self._run(request, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return self._output(result, output_type, return_dict)
+
+
+class Flux2KleinPipeline(_Facade):
+    """FLUX.2 [klein] and [klein] base with diffusers' `Flux2KleinPipeline` call: text-to-image and reference
+    conditioning (image=). Base models run classifier-free guidance when guidance_scale > 1 against an empty
+    prompt (or negative_prompt_embeds); distilled models ignore guidance_scale with a warning. As in
+    diffusers, num_inference_steps defaults to 50 even for distilled models, which are made for 4."""
+
+    families = ("flux.2-klein", "flux.2-klein-base")
+    hints = {**_mode_hints(_KLEIN_IMG2IMG, _KLEIN_INPAINT), "negative_prompt": _NO_NEGATIVE_TEXT}
+
+    def __call__(
+        self,
+        image: Images | None = None,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 4.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
+        **kwargs: Any,
+    ) -> Flux2PipelineOutput | tuple[Any]:
+        self._check(
+            kwargs,
+            output_type=output_type,
+            attention_kwargs=attention_kwargs,
+            callback=callback_on_step_end,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+            text_encoder_out_layers=text_encoder_out_layers,
+        )
+        _not_a_prompt(image, prompt, prompt_embeds)
+        request = GenerationRequest(
+            prompt=prompt,
+            references=_images(image),
+            width=width,
+            height=height,
+            steps=num_inference_steps,
+            guidance=self._guidance(guidance_scale),
+            num_images=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            noise=latents,
+            generator=generator,
+            sigmas=sigmas,
+            decode=output_type != "latent",
+        )
+        result = self._run(request, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return self._output(result, output_type, return_dict)
+
+
+class Flux2KleinKVPipeline(_Facade):
+    """FLUX.2 [klein] 9B KV with diffusers' `Flux2KleinKVPipeline` call: the reference images' keys and values
+    are computed on the first step and reused after. Guidance-distilled: no guidance_scale, 4 steps."""
+
+    families = ("flux.2-klein-kv",)
+    hints = {
+        **_mode_hints(_KLEIN_IMG2IMG, _INPAINT_FIX),  # the inpainting facade takes no KV model
+        "guidance_scale": "the klein KV model is guidance-distilled and takes no guidance_scale",
+        "negative_prompt_embeds": "the klein KV model is guidance-distilled: it runs no classifier-free "
+        "guidance, so there is no negative prompt",
+    }
+
+    def __call__(
+        self,
+        image: Images | None = None,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 4,
+        sigmas: list[float] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        prompt_embeds: Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
+        **kwargs: Any,
+    ) -> Flux2PipelineOutput | tuple[Any]:
+        self._check(
+            kwargs,
+            output_type=output_type,
+            attention_kwargs=attention_kwargs,
+            callback=callback_on_step_end,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+            text_encoder_out_layers=text_encoder_out_layers,
+        )
+        _not_a_prompt(image, prompt, prompt_embeds)
+        request = GenerationRequest(
+            prompt=prompt,
+            references=_images(image),
+            width=width,
+            height=height,
+            steps=num_inference_steps,
+            num_images=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+            prompt_embeds=prompt_embeds,
+            noise=latents,
+            generator=generator,
+            sigmas=sigmas,
+            decode=output_type != "latent",
+        )
+        result = self._run(request, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return self._output(result, output_type, return_dict)
+
+
+class Flux2KleinInpaintPipeline(_Facade):
+    """Inpainting with diffusers' `Flux2KleinInpaintPipeline` call: image= is repainted where mask_image= is
+    white (>= 0.5) and kept where it is black, strength= says how much of the schedule runs (ceil(N x
+    strength) steps), and the source image also conditions as the first reference, followed by
+    image_reference= (one image or a list, each at its own size).
+
+    As in diffusers, the output has the image's size (height= and width= are ignored, with a warning when
+    they differ) and latents= are the start point itself, not noise mixed into the image. Pre-encoded latent
+    images, per-image lists and padding_mask_crop are not supported."""
+
+    families = ("flux.2-klein", "flux.2-klein-base")
+    hints = {**_SOURCE_HINTS, "mask": "the mask is mask_image= (white = repaint, black = keep)"}
+    other_use = f" for references, or inpaint with {_INPAINT_FIX}"
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Images | None = None,
+        image_reference: Images | None = None,
+        mask_image: Images | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        padding_mask_crop: int | None = None,
+        strength: float = 0.8,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 8.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
+        **kwargs: Any,
+    ) -> Flux2PipelineOutput | tuple[Any]:
+        self._check(
+            kwargs,
+            output_type=output_type,
+            attention_kwargs=attention_kwargs,
+            callback=callback_on_step_end,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+            text_encoder_out_layers=text_encoder_out_layers,
+        )
+        if padding_mask_crop is not None:
+            raise NotImplementedError(
+                "padding_mask_crop: fluxforge inpaints the whole image; crop the image and mask around the "
+                "area before the call, and leave padding_mask_crop out"
+            )
+        if image is None or mask_image is None:
+            raise ValueError(
+                "Flux2KleinInpaintPipeline needs image= (the picture to repaint) and mask_image= (white = "
+                "repaint); to restyle a whole image use Flux2KleinImg2ImgPipeline(image=..., strength=...)"
+            )
+        references = _images(image_reference)
+        prompts = len(prompt) if isinstance(prompt, list) else 1
+        if prompt is None and prompt_embeds is not None:
+            prompts = prompt_embeds.shape[0]
+        batch = prompts * num_images_per_prompt
+        if len(references) > 1 and len(references) == batch:
+            raise ValueError(
+                f"image_reference: {len(references)} images for a batch of {batch}; diffusers would give "
+                "image k to image k of the batch, while fluxforge shares every reference by the batch: make "
+                "one call per image, or pass a number of references other than the batch size"
+            )
+        request = GenerationRequest(
+            prompt=prompt,
+            references=references,
+            init_image=_single(image, "image", "image to repaint"),
+            strength=strength,
+            mask=_single(mask_image, "mask_image", "mask"),
+            steps=num_inference_steps,
+            guidance=self._guidance(guidance_scale),
+            num_images=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            # diffusers starts from the given latents as they are and re-noises the kept area with them
+            noise=latents,
+            start_latents=latents,
+            generator=generator,
+            sigmas=sigmas,
+            decode=output_type != "latent",
+        )
+        result = self._run(request, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        size = (result.info["width"], result.info["height"])
+        if (width is not None and width != size[0]) or (height is not None and height != size[1]):
+            log.warning(
+                "height/width are ignored by Flux2KleinInpaintPipeline, as in diffusers: the output has the "
+                "image's size, %dx%d; to inpaint at another size use %s with width= and height=",
+                *size,
+                _INPAINT_FIX,
+            )
+        return self._output(result, output_type, return_dict)
+
+
+class Flux2KleinImg2ImgPipeline(_Facade):
+    """img2img with the call of `Flux2KleinImg2ImgPipeline` from diffusers' development branch (commit
+    4369be3, not in 0.42.1): image= is the init image, noised to the schedule point strength= selects, and
+    the remaining steps run. Guidance follows Flux2KleinPipeline. Beyond that signature, image_reference=
+    (keyword only) adds reference images, as in the inpainting pipeline.
+
+    fluxforge's img2img rules apply where that branch differs: ceil(N x strength) steps run, as in
+    diffusers' inpainting pipeline (the branch truncates, so small strengths can leave no step); the init
+    image is resized to the token grid (the branch center-crops it), or to height= and width= when given;
+    latents= are the noise mixed into the image (the branch ignores them), so strength=1.0 gives
+    Flux2KleinPipeline's text-to-image for the same latents or generator."""
+
+    families = ("flux.2-klein", "flux.2-klein-base", "flux.2-klein-kv")
+    hints = {
+        **_SOURCE_HINTS,
+        "mask_image": f"to repaint only part of the image use Flux2KleinInpaintPipeline or {_INPAINT_FIX}",
+    }
+
+    def __call__(
+        self,
+        image: Images | None = None,
+        prompt: str | list[str] | None = None,
+        strength: float = 0.8,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 4.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
+        *,
+        image_reference: Images | None = None,
+        **kwargs: Any,
+    ) -> Flux2PipelineOutput | tuple[Any]:
+        self._check(
+            kwargs,
+            output_type=output_type,
+            attention_kwargs=attention_kwargs,
+            callback=callback_on_step_end,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+            text_encoder_out_layers=text_encoder_out_layers,
+        )
+        _not_a_prompt(image, prompt, prompt_embeds)
+        if image is None:
+            raise ValueError(
+                "Flux2KleinImg2ImgPipeline needs image= (the init image); for text-to-image use "
+                "Flux2KleinPipeline"
+            )
+        request = GenerationRequest(
+            prompt=prompt,
+            references=_images(image_reference),
+            init_image=_single(image, "image", "init image"),
+            strength=strength,
+            width=width,
+            height=height,
+            steps=num_inference_steps,
+            guidance=self._guidance(guidance_scale),
+            num_images=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            noise=latents,
+            generator=generator,
+            sigmas=sigmas,
+            decode=output_type != "latent",
+        )
+        result = self._run(request, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return self._output(result, output_type, return_dict)
