@@ -1,0 +1,298 @@
+"""The command line: `fluxforge generate` and `fluxforge info`, a thin adapter over `Pipeline`.
+
+stdout carries the results (one `PATH (seed N)` line per image, or the model summary); stderr carries the
+progress bar, the settings used and errors. Errors are one `fluxforge: error: ...` line: exit 2 for a bad
+command line, 1 for anything the library refuses (values, files, missing packages), 130 for Ctrl-C.
+`--debug` lets the exception through with its traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+import torch
+
+from fluxforge.errors import CheckpointError
+from fluxforge.pipeline import Pipeline
+from fluxforge.sampling import StepInfo
+from fluxforge.weights import Components, load
+
+PROG = "fluxforge"
+_BAR_WIDTH = 30
+# What the library raises for input a user can fix; anything else is a bug and keeps its traceback.
+_USER_ERRORS = (ValueError, TypeError, CheckpointError, OSError, ImportError)
+
+
+class UsageError(Exception):
+    """A bad command line (exit code 2, as argparse uses)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the usage block and exits; this CLI reports every error as one line instead.
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def resolve_model(model: str | None) -> str:
+    """The checkpoint a command loads, from its -m / MODEL argument. Every command asks here, so a
+    default model is a change to this function alone."""
+    if model is None:
+        raise UsageError(
+            "no model given: name a diffusers FLUX.2 folder or a BFL transformer .safetensors file "
+            "(generate -m MODEL, info MODEL)"
+        )
+    return model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as exc:
+        return _fail(str(exc), 2)
+    try:
+        return args.run(args)
+    except UsageError as exc:
+        return _fail(str(exc), 2)
+    except _USER_ERRORS as exc:
+        if args.debug:
+            raise
+        return _fail(_one_line(exc), 1)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        # A newline first: ^C usually lands in the middle of the progress bar.
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+# -------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    pipe = Pipeline.from_pretrained(**_model_arguments(args), dtype=args.dtype)
+    result = pipe.generate(
+        args.prompt,
+        references=args.reference,
+        init_image=args.init_image,
+        strength=args.strength,
+        mask=args.mask,
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        num_images=args.num_images,
+        on_step=progress_bar(sys.stderr),
+    )
+    info = result.info
+    print(
+        f"{info['variant']}, {info['mode']}, {info['width']}x{info['height']}, {info['steps']} steps",
+        file=sys.stderr,
+    )
+    default_name = f"{PROG}-{result.seeds[0]}.png"
+    target = args.output or Path(default_name)
+    if target.is_dir():
+        target = target / default_name
+    for path, seed in zip(result.save(target), result.seeds, strict=True):
+        print(f"{path} (seed {seed})")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    model = _model_arguments(args)
+    components = load(**model)
+    print(describe(components, [Path(model[k]) for k in ("path", "vae", "text_encoder") if model[k]]))
+    return 0
+
+
+def describe(components: Components, paths: Sequence[Path]) -> str:
+    """The summary `fluxforge info` prints: variant, defaults, parameters and dtype per network, files."""
+    v, d, text = components.variant, components.variant.defaults, components.variant.text_encoder
+    if d.guidance_mode == "none":
+        guidance = "no guidance (distilled)"
+    elif d.guidance_mode == "cfg":
+        guidance = f"classifier-free guidance {d.guidance:g} (takes --negative-prompt)"
+    else:
+        guidance = f"embedded guidance {d.guidance:g}"
+    lines = [
+        f"variant      {v.name}",
+        f"family       {v.family} (diffusers {v.pipeline_class})",
+        f"defaults     {d.steps} steps, {guidance}, up to {d.max_sequence_length} text tokens",
+        f"text layers  hidden states {', '.join(map(str, text.out_layers))} of {text.num_hidden_layers}"
+        f" ({text.kind})",
+        "",
+        f"{'network':<36}{'parameters':>14}  dtype",
+    ]
+    networks: list[tuple[str, torch.nn.Module | None]] = [
+        ("transformer", components.transformer),
+        ("autoencoder", components.vae),
+        # Only the decoder layers whose hidden states are used are loaded, and so counted.
+        (f"text encoder (first {text.layers_to_load} layers)", components.text_encoder),
+    ]
+    total = 0
+    for name, module in networks:
+        if module is None:
+            lines.append(f"{name:<36}{'not loaded':>14}")
+            continue
+        count = sum(p.numel() for p in module.parameters())
+        total += count
+        dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+        lines.append(f"{name:<36}{count:>14,}  {dtype}")
+    lines += [f"{'total':<36}{total:>14,}", "", "files"]
+    for path in paths:
+        files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+        lines += [f"  {f}  {f.stat().st_size / 2**20:.1f} MiB" for f in files]
+    return "\n".join(lines)
+
+
+def progress_bar(stream: TextIO) -> Callable[[StepInfo], None]:
+    """An `on_step` callback drawing `step 3/4 [###...]`: redrawn in place on a terminal, one line per step
+    elsewhere (logs, pipes), where carriage returns would pile up on one line."""
+    redraw = stream.isatty()
+
+    def show(info: StepInfo) -> None:
+        filled = round(_BAR_WIDTH * info.step / info.total)
+        bar = f"step {info.step}/{info.total} [{'#' * filled}{'.' * (_BAR_WIDTH - filled)}]"
+        end = "\n" if info.step == info.total or not redraw else ""
+        stream.write(("\r" if redraw else "") + bar + end)
+        stream.flush()
+
+    return show
+
+
+# -------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog=PROG, description="Generate images with the FLUX.2 models.")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    gen = commands.add_parser(
+        "generate",
+        parents=[debug],
+        help="generate images from a prompt",
+        description="Generate images. An input image is used in one of three ways: -r (reference "
+        "conditioning: attention tokens, never noised), --init-image with --strength (img2img), or "
+        "--init-image with --mask (inpainting). See docs/modes.md.",
+    )
+    gen.set_defaults(run=run_generate)
+    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("-m", "--model", help="a diffusers FLUX.2 folder or a BFL transformer .safetensors file")
+    _model_options(gen)
+    gen.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: as stored in the files)"
+    )
+    gen.add_argument(
+        "-r",
+        "--reference",
+        action="append",
+        type=_image_file,
+        metavar="REF",
+        help="a reference image; repeat for several (-r a.png -r b.png)",
+    )
+    gen.add_argument(
+        "--init-image", type=_image_file, metavar="IMG", help="the image to start from (img2img)"
+    )
+    gen.add_argument(
+        "--strength",
+        type=float,
+        metavar="S",
+        help="with --init-image: how much of the schedule to run, in (0, 1] (1 ignores the image's content; "
+        "inpainting defaults to 1)",
+    )
+    gen.add_argument(
+        "--mask",
+        type=_image_file,
+        help="with --init-image: white (>= 0.5) marks the area to repaint, black the area to keep",
+    )
+    gen.add_argument("--negative-prompt", metavar="TEXT", help="base (CFG) models only")
+    size = "px, rounded down to the token grid (16 px); default: the init image's, else the first reference's"
+    gen.add_argument("-W", "--width", type=int, help=f"output width in {size}, else the model's")
+    gen.add_argument("-H", "--height", type=int, help=f"output height in {size}, else the model's")
+    gen.add_argument("--steps", type=int, metavar="N", help="default: the model's (fluxforge info shows it)")
+    gen.add_argument(
+        "--guidance", type=float, metavar="G", help="dev and base models only; default: the model's"
+    )
+    gen.add_argument("--seed", type=int, metavar="S", help="image i uses seed S + i (default: random)")
+    gen.add_argument("-n", "--num-images", type=int, default=1, metavar="N")
+    gen.add_argument(
+        "-o",
+        "--output",
+        type=_output,
+        metavar="OUT",
+        help=f"a .png path or a folder (default: ./{PROG}-SEED.png); several images get -0, -1, ...",
+    )
+
+    inf = commands.add_parser(
+        "info", parents=[debug], help="describe a model", description="Describe a model and its files."
+    )
+    inf.set_defaults(run=run_info)
+    inf.add_argument("model", nargs="?", metavar="MODEL")
+    _model_options(inf)
+    return parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vae", metavar="PATH", help="the autoencoder, for a BFL transformer file")
+    parser.add_argument("--text-encoder", metavar="PATH", help="a transformers folder with its tokenizer")
+    parser.add_argument(
+        "--variant", metavar="NAME", help="override variant detection, e.g. flux.2-klein-base-4b"
+    )
+
+
+def _model_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        path=resolve_model(args.model), vae=args.vae, text_encoder=args.text_encoder, variant=args.variant
+    )
+
+
+def _image_file(value: str) -> str:
+    # Checked while parsing, so that a typo fails before a model of several GB is loaded.
+    if not Path(value).is_file():
+        raise argparse.ArgumentTypeError(f"no file at {value!r}")
+    return value
+
+
+def _output(value: str) -> Path:
+    path = Path(value)
+    if path.is_dir():
+        return path
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: images are written as PNG (with their settings); use .png"
+        )
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {str(path.parent)!r} to write {path.name!r} into")
+    return path
+
+
+# -------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of the message; a CheckpointError's file and key lists are summarised."""
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, CheckpointError):
+        if exc.path:
+            first += f" ({exc.path})"
+        keys = len(exc.missing) + len(exc.unexpected) + len(exc.mismatched)
+        if keys:
+            first += f"; {keys} keys do not fit, --debug lists them"
+    return first
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,185 @@
+"""The command line end to end: `python -m fluxforge` as a subprocess on a tiny klein checkpoint (one run
+per mode, since each start-up imports torch), and its error lines in process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from tiny import TINY_DIT, tiny_diffusers_transformer, tiny_diffusers_vae
+from tiny_text import qwen3_tokenizer, randomize_, tiny_qwen3_config
+from transformers import Qwen3ForCausalLM
+
+from fluxforge import cli
+from fluxforge.images import read_png_metadata
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A folder with a tiny distilled klein checkpoint (klein/) and three input images."""
+    root = tmp_path_factory.mktemp("cli")
+    Flux2KleinPipeline(
+        transformer=tiny_diffusers_transformer(**{**TINY_DIT, "joint_attention_dim": 48}),
+        vae=tiny_diffusers_vae(),
+        text_encoder=randomize_(Qwen3ForCausalLM(tiny_qwen3_config(4))),
+        tokenizer=qwen3_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        is_distilled=True,
+    ).save_pretrained(root / "klein")
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "ref.png")
+    PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(root / "init.png")
+    mask = np.zeros((32, 48), dtype=np.uint8)
+    mask[8:24, 12:40] = 255
+    PIL.Image.fromarray(mask).save(root / "mask.png")
+    return root
+
+
+def fluxforge(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "fluxforge", *map(str, args)]
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fluxforge: error: "), stderr
+    return lines[0]
+
+
+def test_text_to_image(folder):
+    out = folder / "fox.png"
+    done = fluxforge(
+        "generate",
+        "a red fox",
+        "-m",
+        "klein",
+        "-W",
+        48,
+        "-H",
+        32,
+        "--steps",
+        3,
+        "--seed",
+        7,
+        "-o",
+        out,
+        cwd=folder,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"{out} (seed 7)"]
+    assert "step 3/3 [" in done.stderr and "text-to-image, 48x32, 3 steps" in done.stderr
+    assert PIL.Image.open(out).size == (48, 32)
+    meta = read_png_metadata(out)
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["mode"]) == ("a red fox", 7, 3, "text-to-image")
+
+
+def test_references_with_two_images_and_default_names(folder):
+    work = folder / "references"
+    work.mkdir()
+    done = fluxforge(
+        "generate",
+        "the same, in blue",
+        "-m",
+        folder / "klein",
+        "-r",
+        folder / "ref.png",
+        "-n",
+        2,
+        "--steps",
+        2,
+        "--seed",
+        11,
+        cwd=work,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["fluxforge-11-0.png (seed 11)", "fluxforge-11-1.png (seed 12)"]
+    for name, seed in (("fluxforge-11-0.png", 11), ("fluxforge-11-1.png", 12)):
+        assert PIL.Image.open(work / name).size == (56, 40)  # the reference's size by default
+        meta = read_png_metadata(work / name)
+        assert (meta["mode"], meta["seed"], meta["steps"]) == ("references", seed, 2)
+
+
+def test_inpainting(folder):
+    done = fluxforge(
+        "generate",
+        "a hat",
+        "-m",
+        "klein",
+        "--init-image",
+        "init.png",
+        "--mask",
+        "mask.png",
+        "--strength",
+        0.5,
+        "--steps",
+        4,
+        "--seed",
+        3,
+        "-o",
+        "hat.png",
+        cwd=folder,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "step 2/2 [" in done.stderr  # strength 0.5 runs the second half of the 4-step schedule
+    meta = read_png_metadata(folder / "hat.png")
+    assert (meta["mode"], meta["strength"], meta["steps"], meta["seed"]) == ("inpaint", 0.5, 2, 3)
+    assert PIL.Image.open(folder / "hat.png").size == (48, 32)
+
+
+def test_info(folder):
+    done = fluxforge("info", "klein", cwd=folder)
+    assert done.returncode == 0, done.stderr
+    assert "variant      flux.2-klein-custom" in done.stdout
+    assert "no guidance (distilled)" in done.stdout and "hidden states 1, 2, 3 of 4" in done.stdout
+    transformer = next(line for line in done.stdout.splitlines() if line.startswith("transformer "))
+    count = sum(
+        p.numel() for p in Flux2Transformer2DModel.from_pretrained(folder / "klein/transformer").parameters()
+    )
+    assert transformer.split()[1:] == [f"{count:,}", "float32"]
+    assert "transformer/diffusion_pytorch_model.safetensors" in done.stdout
+
+
+def test_a_missing_model_is_one_line_in_a_subprocess(folder):
+    done = fluxforge("generate", "a cat", "-m", "no-such-model", cwd=folder)
+    assert done.returncode == 1
+    assert one_error_line(done.stderr) == "fluxforge: error: no such file or folder (no-such-model)"
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["--strength", "0.5"], 1, "strength= needs init_image="),
+        (
+            ["--variant", "flux.2-klien-4b"],
+            1,
+            "unknown variant 'flux.2-klien-4b'. Did you mean 'flux.2-klein-4b'",
+        ),
+        (["--steps", "0"], 1, "steps must be in [1, 1000], got 0"),
+        (["-r", "missing.png"], 2, "argument -r/--reference: no file at 'missing.png'"),
+        (["-o", "fox.jpg"], 2, "use .png"),
+        (["--steps", "four"], 2, "argument --steps: invalid int value: 'four'"),
+    ],
+)
+def test_bad_input_is_one_line(folder, capsys, monkeypatch, args, code, message):
+    monkeypatch.chdir(folder)
+    assert cli.main(["generate", "a cat", "-m", "klein", *args]) == code
+    captured = capsys.readouterr()
+    assert message in one_error_line(captured.err) and captured.out == ""
+
+
+def test_a_missing_model_argument_says_so(capsys):
+    assert cli.main(["generate", "a cat"]) == 2
+    assert "no model given" in one_error_line(capsys.readouterr().err)
+
+
+def test_debug_shows_the_exception(folder, monkeypatch):
+    monkeypatch.chdir(folder)
+    with pytest.raises(ValueError, match="strength= needs init_image="):
+        cli.main(["generate", "a cat", "-m", "klein", "--strength", "0.5", "--debug"])
