@@ -11,7 +11,9 @@ Stages, all from one seed:
      statistics (`bn.running_mean` / `running_var`) measured on fresh scenes;
   4. DiT (`Flux2Transformer2DModel` layout): rectified flow, x_s = (1 - s) x0 + s noise, target noise - x0,
      s logit-normal, on packed normalized tokens with the pipeline's position ids; edit examples append
-     their references with T = 10, 20; 10% of captions are dropped for classifier-free guidance.
+     their references with T = 10, 20; 10% of captions are dropped for classifier-free guidance;
+  5. decoder: the VAE decoder alone, on the frozen encoder's latents, until its colours are exact. It does not
+     change the latents, so `--decoder-only` can also run it beside stage 4 on the stage-3 checkpoint.
 
 Stages are budgeted in wall-clock minutes, so the number of steps depends on the machine; the folder is
 rewritten after the VAE stage and every few minutes of DiT training, so an interrupted run leaves a usable
@@ -40,6 +42,7 @@ from fluxforge.demo import DEMO_PATH, data
 from fluxforge.model.autoencoder import AutoEncoder, patchify
 from fluxforge.model.text import TextEmbeddings, TextEncoder, encode_prompts
 from fluxforge.model.transformer import Flux2Transformer
+from fluxforge.weights import load_vae
 
 QWEN3_CHAT_TEMPLATE = (  # Qwen3's template, reduced to what klein uses: user turns, thinking off
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -165,6 +168,37 @@ def train_vae(vae: AutoEncoder, rng: np.random.Generator, minutes: float, batch:
     return step
 
 
+def train_decoder(vae: AutoEncoder, rng: np.random.Generator, minutes: float, batch: int) -> int:
+    """Go on training the decoder alone. The encoder and the latent statistics stay as they are, so a DiT
+    trained on this VAE's latents stays valid; the decoder learns the exact palette colours, which the
+    joint stage leaves a little off (yellow drifting to orange)."""
+    params = [*vae.decoder.parameters(), *(vae.post_quant_conv.parameters() if vae.post_quant_conv else ())]
+    for p in params:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    end, step = time.monotonic() + 60 * minutes, 0
+    while time.monotonic() < end:
+        x = vae_batch(rng, batch)
+        with torch.no_grad():
+            moments = vae.encoder(x)
+            if vae.quant_conv is not None:
+                moments = vae.quant_conv(moments)
+            mean, logvar = moments.chunk(2, dim=1)
+            z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar.clamp(-20.0, 10.0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            recon = vae.decode(z).float()
+        loss = (recon - x).abs().mean() + (recon - x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            print(f"decoder step {step} loss {loss.item():.4f}", flush=True)
+    vae.eval().requires_grad_(False)
+    return step
+
+
 @torch.no_grad()
 def set_latent_stats(vae: AutoEncoder, rng: np.random.Generator, n: int = 512) -> None:
     """The `bn` statistics that make normalized tokens zero-mean, unit-variance per channel."""
@@ -257,6 +291,15 @@ def train_dit(
 # Saving in the diffusers layout
 
 
+def save_module(folder: Path, module: Flux2Transformer | AutoEncoder, class_name: str) -> None:
+    """A diffusers model folder: config.json and fp32 weights (the golden test runs in fp32)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": class_name, "_diffusers_version": "0.42.1", **module.config.to_dict()}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().float().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+
+
 def save_folder(
     out: Path,
     model: Flux2Transformer,
@@ -282,14 +325,8 @@ def save_folder(
         "shift": DEMO.scheduler.shift,
         "use_dynamic_shifting": DEMO.scheduler.use_dynamic_shifting,
     }
-    for name, module, config in (
-        ("transformer", model, {"_class_name": "Flux2Transformer2DModel", **model.config.to_dict()}),
-        ("vae", vae, {"_class_name": "AutoencoderKLFlux2", **vae.config.to_dict()}),
-    ):
-        (out / name).mkdir(exist_ok=True)
-        (out / name / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        state = {k: v.detach().float().contiguous() for k, v in module.state_dict().items()}
-        save_file(state, out / name / "diffusion_pytorch_model.safetensors")
+    save_module(out / "transformer", model, "Flux2Transformer2DModel")
+    save_module(out / "vae", vae, "AutoencoderKLFlux2")
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
     text_encoder.save_pretrained(out / "text_encoder")
@@ -303,8 +340,14 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=DEMO_PATH)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-minutes", type=float, default=5.0)
-    parser.add_argument("--dit-minutes", type=float, default=32.0)
+    parser.add_argument("--vae-minutes", type=float, default=6.0)
+    parser.add_argument("--dit-minutes", type=float, default=42.0)
+    parser.add_argument("--decoder-minutes", type=float, default=10.0)
+    parser.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="only the decoder stage, on the VAE already in --out (it can run beside a DiT stage)",
+    )
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--dit-batch", type=int, default=32)
     # One thread by default: on a busy machine a descheduled OpenMP thread stalls every op of the others
@@ -315,6 +358,12 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     started = time.monotonic()
+    if args.decoder_only:
+        vae = load_vae(args.out / "vae", dtype=torch.float32)
+        steps = train_decoder(vae, rng, args.decoder_minutes, args.vae_batch)
+        save_module(args.out / "vae", vae, "AutoencoderKLFlux2")
+        print(f"done: {steps} decoder steps in {(time.monotonic() - started) / 60:.1f} min")
+        return
 
     tokenizer = build_tokenizer()
     text_model = build_text_encoder(len(tokenizer), args.seed)
@@ -330,9 +379,10 @@ def main() -> None:
         save_folder(args.out, transformer, vae, text_model, tokenizer)
 
     dit_steps = train_dit(transformer, vae, text, rng, args.dit_minutes, args.dit_batch, save)
+    decoder_steps = train_decoder(vae, rng, args.decoder_minutes, args.vae_batch)
     save()
     minutes = (time.monotonic() - started) / 60
-    print(f"done: {vae_steps} VAE steps, {dit_steps} DiT steps in {minutes:.1f} min")
+    print(f"done: {vae_steps} VAE, {dit_steps} DiT, {decoder_steps} decoder steps in {minutes:.1f} min")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ two reference scenes and an instruction ("the same shape in green", "move it to 
 shape from image 1 on the background of image 2"). Everything is pure numpy / PIL and driven by a
 `numpy.random.Generator`, so a seed fixes the whole data set.
 
-`analyse` reads a picture back: the background colour (the corners), the shape's colour (the commonest
-palette colour among the other pixels) and its position (the centroid's grid cell). The tests and
-`tools/eval_demo.py` measure the model with it.
+`analyse` reads a picture back: the background colour (the corners), the shape's colour (the palette
+colour nearest to the shape pixels farthest from the background's) and its position (the centroid's grid
+cell). The tests and `tools/eval_demo.py` measure the model with it.
 """
 
 from __future__ import annotations
@@ -71,10 +71,15 @@ class Scene:
     def caption(self) -> str:
         return f"a {self.colour} {self.shape} on a {self.background} background, {self.position}"
 
+    @property
+    def centre(self) -> tuple[float, float]:
+        """(y, x) of the shape's centre in pixels."""
+        row, col = POSITIONS[self.position]
+        return (row + 0.5) * _CELL + self.jitter[0], (col + 0.5) * _CELL + self.jitter[1]
+
     def render(self) -> PIL.Image.Image:
         image = PIL.Image.new("RGB", (SIZE, SIZE), COLOURS[self.background])
-        row, col = POSITIONS[self.position]
-        cy, cx = (row + 0.5) * _CELL + self.jitter[0], (col + 0.5) * _CELL + self.jitter[1]
+        cy, cx = self.centre
         r = _RADIUS * self.scale
         draw, fill = PIL.ImageDraw.Draw(image), COLOURS[self.colour]
         if self.shape == "circle":
@@ -152,12 +157,18 @@ def to_array(image: PIL.Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
 
 
+TOKEN = 8  # pixels per DiT token side (VAE scale 4 x patch 2)
+
+
 def inpaint_mask(scene: Scene) -> PIL.Image.Image:
-    """White (repaint) over the shape's grid cell, black elsewhere."""
-    row, col = POSITIONS[scene.position]
+    """White (repaint) over the shape's bounding box, widened to whole tokens so that no token outside the
+    mask is partly repainted; black elsewhere."""
+    cy, cx = scene.centre
+    r = _RADIUS * scene.scale + 1
+    lo = [max(0, math.floor((c - r) / TOKEN) * TOKEN) for c in (cx, cy)]
+    hi = [min(SIZE, math.ceil((c + r) / TOKEN) * TOKEN) for c in (cx, cy)]
     mask = PIL.Image.new("L", (SIZE, SIZE), 0)
-    box = (col * _CELL, row * _CELL, (col + 1) * _CELL, (row + 1) * _CELL)
-    PIL.ImageDraw.Draw(mask).rectangle(tuple(round(v) for v in box), fill=255)
+    PIL.ImageDraw.Draw(mask).rectangle((lo[0], lo[1], hi[0] - 1, hi[1] - 1), fill=255)
     return mask
 
 
@@ -168,7 +179,7 @@ def inpaint_mask(scene: Scene) -> PIL.Image.Image:
 @dataclass(frozen=True)
 class Analysis:
     background: str  # the palette colour of the corners
-    colour: str | None  # the commonest palette colour of the other pixels; None when there are too few
+    colour: str | None  # the shape's palette colour; None when too few pixels differ from the background
     position: str | None  # the grid cell of their centroid
     coverage: float  # fraction of pixels that are not background
 
@@ -190,8 +201,14 @@ def analyse(image: PIL.Image.Image) -> Analysis:
     coverage = float(foreground.mean())
     if foreground.sum() < 20:  # a few stray pixels are not a shape
         return Analysis(names[background], None, None, coverage)
-    colour = int(np.bincount(labels[foreground], minlength=len(names)).argmax())
-    ys, xs = np.nonzero(labels == colour)
+    # A soft edge blends the shape's colour into the background's (red on yellow gives orange pixels), and on
+    # a small shape the edge outnumbers the inside: read the colour from the half of the pixels that lie
+    # farthest from the background's colour.
+    shape = pixels[foreground].astype(np.float32)
+    distance = ((shape - np.array(COLOURS[names[background]], dtype=np.float32)) ** 2).sum(-1)
+    core = shape[distance >= np.median(distance)]
+    colour = int(nearest_colours(np.median(core, axis=0).astype(np.uint8)))
+    ys, xs = np.nonzero(foreground)
     cell = (min(int(ys.mean() // _CELL), 2), min(int(xs.mean() // _CELL), 2))
     position = next(name for name, rc in POSITIONS.items() if rc == cell)
     return Analysis(names[background], names[colour], position, coverage)
