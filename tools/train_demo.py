@@ -1,7 +1,8 @@
 """Train the built-in demo model (variant `fluxforge-demo`) from scratch on procedural scenes, on the CPU.
 
     python tools/train_demo.py                       # writes src/fluxforge/demo/weights/
-    python tools/train_demo.py --out /tmp/demo --vae-minutes 1 --dit-minutes 2   # a quick smoke run
+    python tools/train_demo.py --out /tmp/demo --vae-minutes 1 --dit-minutes 2 --decoder-minutes 1   # smoke
+    python tools/train_demo.py --resume-dit --dit-minutes 10     # more DiT training on the packaged weights
 
 Stages, all from one seed:
   1. tokenizer: byte-level BPE (Qwen2 style) built offline, with one merged token per caption word;
@@ -26,6 +27,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,7 @@ from fluxforge.demo import DEMO_PATH, data
 from fluxforge.model.autoencoder import AutoEncoder, patchify
 from fluxforge.model.text import TextEmbeddings, TextEncoder, encode_prompts
 from fluxforge.model.transformer import Flux2Transformer
-from fluxforge.weights import load_vae
+from fluxforge.weights import load, load_vae
 
 QWEN3_CHAT_TEMPLATE = (  # Qwen3's template, reduced to what klein uses: user turns, thinking off
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -259,16 +261,17 @@ def train_dit(
     rng: np.random.Generator,
     minutes: float,
     batch: int,
-    save: callable,
+    save: Callable[[], None],
+    peak_lr: float = 5e-4,
 ) -> int:
     model.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.01)
     start = time.monotonic()
     end, next_save, step, avg = start + 60 * minutes, start + 300, 0, None
     while (now := time.monotonic()) < end:
         # Warm up for 100 steps, then cosine-decay over the time budget (not a step count: the speed varies).
         progress = (now - start) / (end - start)
-        lr = 5e-4 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        lr = peak_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
             group["lr"] = lr
         loss = dit_step(model, vae, text, dit_examples(rng, batch), rng)
@@ -348,6 +351,11 @@ def main() -> None:
         action="store_true",
         help="only the decoder stage, on the VAE already in --out (it can run beside a DiT stage)",
     )
+    parser.add_argument(
+        "--resume-dit",
+        action="store_true",
+        help="go on training the DiT in --out for --dit-minutes, from a peak learning rate of 2e-4",
+    )
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--dit-batch", type=int, default=32)
     # One thread by default: on a busy machine a descheduled OpenMP thread stalls every op of the others
@@ -363,6 +371,20 @@ def main() -> None:
         steps = train_decoder(vae, rng, args.decoder_minutes, args.vae_batch)
         save_module(args.out / "vae", vae, "AutoencoderKLFlux2")
         print(f"done: {steps} decoder steps in {(time.monotonic() - started) / 60:.1f} min")
+        return
+    if args.resume_dit:
+        parts = load(args.out, dtype=torch.float32)
+        assert parts.vae is not None and parts.text_encoder is not None
+
+        def save_transformer() -> None:
+            save_module(args.out / "transformer", parts.transformer, "Flux2Transformer2DModel")
+
+        text = TextCache(parts.text_encoder, parts.tokenizer)
+        steps = train_dit(
+            parts.transformer, parts.vae, text, rng, args.dit_minutes, args.dit_batch, save_transformer, 2e-4
+        )
+        save_transformer()
+        print(f"done: {steps} more DiT steps in {(time.monotonic() - started) / 60:.1f} min")
         return
 
     tokenizer = build_tokenizer()
