@@ -93,8 +93,9 @@ def recolour(pipe, n: int = 50, seed: int = 2000) -> Score:
     return _tally("recolour edit", n, checks)
 
 
-KEEP_TOLERANCE = 12 / 255  # mean absolute pixel error allowed outside the mask: the VAE's round trip
-CHANGE_THRESHOLD = 40 / 255  # mean absolute change required inside the mask
+# Mean absolute pixel change (0..1) outside the mask that still counts as kept: the VAE's round trip and
+# its decoder's reach across the mask's edge. Inside the mask, a change beyond it counts as repainted.
+KEEP_TOLERANCE = 12 / 255
 
 
 def inpaint(pipe, n: int = 20, seed: int = 3000) -> Score:
@@ -111,7 +112,7 @@ def inpaint(pipe, n: int = 20, seed: int = 3000) -> Score:
         diff = np.abs(out - source).mean(-1)
         checks.append(
             {
-                "masked region changed": float(diff[inside].mean()) >= CHANGE_THRESHOLD,
+                "masked region changed": float(diff[inside].mean()) > KEEP_TOLERANCE,
                 "rest kept": float(diff[~inside].mean()) <= KEEP_TOLERANCE,
                 "colour": data.analyse(image).colour == colour,
             }
