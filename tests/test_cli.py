@@ -174,9 +174,26 @@ def test_bad_input_is_one_line(folder, capsys, monkeypatch, args, code, message)
     assert message in one_error_line(captured.err) and captured.out == ""
 
 
-def test_a_missing_model_argument_says_so(capsys):
-    assert cli.main(["generate", "a cat"]) == 2
-    assert "no model given" in one_error_line(capsys.readouterr().err)
+def test_no_model_uses_the_demo_and_says_so(tmp_path, capsys):
+    out = tmp_path / "circle.png"
+    prompt = "a red circle on a blue background, top left"
+    assert cli.main(["generate", prompt, "--seed", "0", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == "using the built-in demo model; pass -m for a FLUX.2 checkpoint"
+    assert captured.out.splitlines() == [f"{out} (seed 0)"]
+    assert PIL.Image.open(out).size == (64, 64)
+    assert read_png_metadata(out)["variant"] == "fluxforge-demo"
+
+    assert cli.main(["info"]) == 0
+    captured = capsys.readouterr()
+    assert "fluxforge-demo" in captured.out and "built-in demo" in captured.err
+
+
+def test_model_options_without_a_model_say_so(capsys):
+    assert cli.main(["generate", "a cat", "--vae", "ae.safetensors"]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        "fluxforge: error: --vae needs a model: pass -m MODEL (the built-in demo has its own)"
+    )
 
 
 def test_debug_shows_the_exception(folder, monkeypatch):

@@ -17,6 +17,7 @@ from typing import Any, NoReturn, TextIO
 
 import torch
 
+from fluxforge.demo import DEMO_NOTICE, DEMO_PATH
 from fluxforge.errors import CheckpointError
 from fluxforge.pipeline import Pipeline
 from fluxforge.sampling import StepInfo
@@ -38,15 +39,21 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def resolve_model(model: str | None) -> str:
-    """The checkpoint a command loads, from its -m / MODEL argument. Every command asks here, so a
-    default model is a change to this function alone."""
-    if model is None:
+def resolve_model(args: argparse.Namespace) -> str:
+    """The checkpoint a command loads: its -m / MODEL argument, else the built-in demo model (announced
+    in one line on stderr, since its pictures are not FLUX.2's)."""
+    if args.model is not None:
+        return args.model
+    given = [
+        f"--{name.replace('_', '-')}" for name in ("vae", "text_encoder", "variant") if getattr(args, name)
+    ]
+    if given:
         raise UsageError(
-            "no model given: name a diffusers FLUX.2 folder or a BFL transformer .safetensors file "
-            "(generate -m MODEL, info MODEL)"
+            f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} a model: "
+            "pass -m MODEL (the built-in demo has its own)"
         )
-    return model
+    print(DEMO_NOTICE, file=sys.stderr)
+    return str(DEMO_PATH)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -188,7 +195,11 @@ def _parser() -> _Parser:
     )
     gen.set_defaults(run=run_generate)
     gen.add_argument("prompt", metavar="PROMPT")
-    gen.add_argument("-m", "--model", help="a diffusers FLUX.2 folder or a BFL transformer .safetensors file")
+    gen.add_argument(
+        "-m",
+        "--model",
+        help="a diffusers FLUX.2 folder or a BFL transformer .safetensors file (default: the built-in demo)",
+    )
     _model_options(gen)
     gen.add_argument(
         "--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: as stored in the files)"
@@ -252,9 +263,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(
-        path=resolve_model(args.model), vae=args.vae, text_encoder=args.text_encoder, variant=args.variant
-    )
+    return dict(path=resolve_model(args), vae=args.vae, text_encoder=args.text_encoder, variant=args.variant)
 
 
 def _image_file(value: str) -> str:

@@ -4,3 +4,4 @@ scenes (`fluxforge.demo.data`) by `tools/train_demo.py`, shipped in the diffuser
 from pathlib import Path
 
 DEMO_PATH = Path(__file__).with_name("weights")
+DEMO_NOTICE = "using the built-in demo model; pass -m for a FLUX.2 checkpoint"
