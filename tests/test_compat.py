@@ -599,3 +599,16 @@ def test_from_pretrained_arguments(klein, tmp_path):
         compat.Flux2KleinPipeline.from_pretrained(tmp_path, torch_dtpye=torch.float32)
     with pytest.raises(TypeError, match=r"wraps a fluxforge.Pipeline, got str; load a model with"):
         compat.Flux2KleinPipeline(str(tmp_path))
+
+
+def test_to_device_and_dtype_as_in_diffusers(klein, tmp_path):
+    klein[0].save_pretrained(tmp_path)
+    pipe = compat.Flux2KleinPipeline.from_pretrained(tmp_path)
+    assert pipe.to(torch.bfloat16) is pipe and pipe.dtype == torch.bfloat16
+    assert pipe.to("meta", torch.float32) is pipe
+    assert (pipe.device.type, pipe.dtype) == ("meta", torch.float32)
+    assert next(pipe.pipeline.vae.parameters()).device.type == "meta"
+    with pytest.raises(TypeError, match=r"takes one device and one dtype"):
+        pipe.to("cpu", "meta")
+    with pytest.raises(NotImplementedError, match=r"does not offload .* pipe.to\('cuda'\)"):
+        pipe.enable_model_cpu_offload()

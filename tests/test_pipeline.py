@@ -296,3 +296,47 @@ def test_img2img_starts_from_the_noised_init_image(klein, monkeypatch):
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9)).flatten(2).transpose(1, 2)
     sigma = schedule.sigmas[2]
     assert_close(seen[0], sigma * noise + (1 - sigma) * x0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Devices. No GPU here: the meta device stands in, since an op that mixes a meta tensor with a CPU one
+# raises; so every input of every mode must reach the model's device. (The text encoder is bypassed with
+# prompt_embeds: transformers' attention mask reads values, which meta tensors do not have.)
+
+
+@pytest.mark.parametrize("cls", [Flux2KleinPipeline, Flux2KleinKVPipeline])
+def test_every_input_follows_the_model_to_its_device(cls, tmp_path):
+    cls(**parts()).save_pretrained(tmp_path)
+    on_meta = ff.Pipeline.from_pretrained(tmp_path, device="meta")
+    moved = ff.Pipeline.from_pretrained(tmp_path).to("meta")
+    assert on_meta.device.type == moved.device.type == "meta"
+    embeds = torch.randn(1, 8, 48)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1.0
+    modes = {
+        "text-to-image": {},
+        "references": dict(references=[picture(48, 32, 1), picture(32, 32, 2)]),
+        "img2img": dict(init_image=picture(32, 32, 3), strength=0.5),
+        "inpaint": dict(init_image=picture(32, 32, 3), mask=mask, references=[picture(32, 32, 1)]),
+    }
+    for pipe in (on_meta, moved):
+        for mode, inputs in modes.items():
+            got = pipe.generate(
+                prompt_embeds=embeds,
+                negative_prompt_embeds=embeds,  # base klein: CFG
+                width=32,
+                height=32,
+                steps=2,
+                seed=0,
+                decode=False,
+                **inputs,
+            )
+            assert got.info["mode"] == mode and got.latents.device.type == "meta", mode
+
+
+def test_to_casts_every_network(klein):
+    _, ours = klein
+    folder_pipe = ff.Pipeline(ours.components)
+    assert folder_pipe.to(dtype="float32") is folder_pipe
+    for module in (folder_pipe.transformer, folder_pipe.vae, folder_pipe.components.text_encoder):
+        assert next(module.parameters()).dtype == torch.float32

@@ -23,7 +23,8 @@ Deliberate differences from diffusers:
     those); `attention_kwargs`, `padding_mask_crop`, caption upsampling and callbacks that replace tensors
     raise NotImplementedError instead of being half supported.
   * `from_pretrained` takes `Pipeline.from_pretrained`'s arguments, with `torch_dtype=` as a synonym of
-    `dtype=`, and checks that the model is one the class runs.
+    `dtype=`, and checks that the model is one the class runs. `pipe.to(device, dtype)`, `pipe.device`
+    and `pipe.dtype` work as there; CPU offloading (`enable_model_cpu_offload`) raises NotImplementedError.
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ class Flux2PipelineOutput:
 
 
 Facade = TypeVar("Facade", bound="_Facade")
+_NO_OFFLOAD = (
+    "fluxforge.compat does not offload networks to the CPU between calls: load the model on one device "
+    "(from_pretrained(path, device='cuda') or pipe.to('cuda')), in bfloat16 to halve its memory"
+)
 
 
 class _Facade:
@@ -173,6 +178,37 @@ class _Facade:
             variant=variant,
         )
         return cls(pipeline)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.transformer.dtype
+
+    def to(
+        self: Facade,
+        *args: torch.device | str | torch.dtype,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Facade:
+        """`pipe.to("cuda")`, `pipe.to(torch.bfloat16)` or both, as in diffusers: moves every network."""
+        for arg in args:
+            if isinstance(arg, torch.dtype) and dtype is None:
+                dtype = arg
+            elif isinstance(arg, (str, torch.device)) and device is None:
+                device = arg
+            else:
+                raise TypeError(f"{type(self).__name__}.to() takes one device and one dtype, got {args!r}")
+        self.pipeline.to(device, dtype)
+        return self
+
+    def enable_model_cpu_offload(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(_NO_OFFLOAD)
+
+    def enable_sequential_cpu_offload(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(_NO_OFFLOAD)
 
     # -----------------------------------------------------------------------------------------------------
 

@@ -66,9 +66,13 @@ def draw_noise(
     draw per sample: both exactly as diffusers' `randn_tensor` does on the CPU."""
     if seeds is not None:
         generator = [torch.Generator().manual_seed(s) for s in seeds]
+    # On the generator's device, as randn_tensor draws it (a CUDA generator gives CUDA noise).
     if isinstance(generator, Sequence):
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in generator])
-    return torch.randn(shape, generator=generator, dtype=dtype)
+        return torch.cat(
+            [torch.randn((1, *shape[1:]), generator=g, dtype=dtype, device=g.device) for g in generator]
+        )
+    device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
 
 def mask_tokens(mask: Tensor, h: int, w: int) -> Tensor:

@@ -37,12 +37,12 @@ from torch import Tensor
 from fluxforge import images
 from fluxforge.conditioning import ReferenceTokens, draw_noise, encode_references, grid_ids, mask_tokens
 from fluxforge.config import Variant
-from fluxforge.demo import DEMO_PATH
+from fluxforge.demo import DEMO_NOTICE, DEMO_PATH
 from fluxforge.model.autoencoder import AutoEncoder, pack
 from fluxforge.model.text import TextEmbeddings, encode_prompts, text_ids
 from fluxforge.model.transformer import Flux2Transformer, ReferenceKV
 from fluxforge.sampling import StepInfo, add_noise, denoise, make_schedule, start_step
-from fluxforge.weights import Components, load
+from fluxforge.weights import Components, load, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +140,26 @@ class Pipeline:
         """`path` None loads the built-in demo model (variant fluxforge-demo, see fluxforge.demo)."""
         if path is None:
             # A warning, so that it shows without any logging set up: the images will not be FLUX.2's.
-            log.warning("using the built-in demo model; pass -m for a FLUX.2 checkpoint")
+            log.warning(DEMO_NOTICE)
             path = DEMO_PATH
         return cls(
             load(path, vae=vae, text_encoder=text_encoder, device=device, dtype=dtype, variant=variant)
         )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the transformer runs; inputs are moved there, outputs stay there (PIL images aside)."""
+        return next(self.transformer.parameters()).device
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
+    ) -> Pipeline:
+        """Move (and cast) every network, in place; returns the pipeline, as `torch.nn.Module.to` does."""
+        dtype = resolve_dtype(dtype)
+        for module in (self.transformer, self.vae, self.components.text_encoder):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+        return self
 
     @property
     def default_size(self) -> int:
@@ -209,7 +224,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         plan = self._plan(r)
-        dtype = self.transformer.dtype
+        dtype, device = self.transformer.dtype, self.device
 
         text, negative = self._encode_text(r, plan)
         timings["text"], clock = time.perf_counter() - clock, time.perf_counter()
@@ -217,39 +232,40 @@ class Pipeline:
         refs = self._reference_tokens(plan)
         init_tokens = None
         if plan.init_pixels is not None:
-            init_tokens = self.vae.encode_tokens(plan.init_pixels).to(dtype).expand(plan.batch, -1, -1)
+            init_tokens = self.vae.encode_tokens(self._on_vae(plan.init_pixels)).to(device, dtype)
+            init_tokens = init_tokens.expand(plan.batch, -1, -1)
         timings["encode_images"], clock = time.perf_counter() - clock, time.perf_counter()
 
         h, w = plan.height // self.pixels_per_token, plan.width // self.pixels_per_token
         channels = self.transformer.config.in_channels
         if r.noise is not None:
-            noise = r.noise.to(dtype)
-        else:
+            noise = r.noise
+        else:  # drawn where the generator lives (the CPU for seeds), so a seed means the same on any device
             noise = draw_noise((plan.batch, channels, h, w), dtype, seeds=plan.seeds, generator=r.generator)
-        noise = pack(noise)  # [B, h*w, C]
+        noise = pack(noise.to(device, dtype))  # [B, h*w, C]
         schedule = make_schedule(plan.steps, h * w, variant.scheduler, list(r.sigmas) if r.sigmas else None)
         start = start_step(plan.steps, plan.strength) if plan.strength is not None else 0
         if r.start_latents is not None:
-            x = pack(r.start_latents.to(dtype))
+            x = pack(r.start_latents.to(device, dtype))
         else:
             x = noise if init_tokens is None else add_noise(init_tokens, noise, schedule.sigmas[start])
 
         blend = None
         if plan.mask is not None:
-            keep = 1 - mask_tokens(plan.mask, h, w).to(dtype)
+            keep = 1 - mask_tokens(plan.mask, h, w).to(device, dtype)
 
             def blend(latents: Tensor, i: int) -> Tensor:
                 last = i + 1 == schedule.num_steps
                 original = init_tokens if last else add_noise(init_tokens, noise, schedule.sigmas[i + 1])
                 return keep * original + (1 - keep) * latents
 
-        velocity = self._velocity(text, negative, refs, grid_ids(h, w), plan)
+        velocity = self._velocity(text, negative, refs, grid_ids(h, w).to(device), plan)
         x = denoise(velocity, x, schedule, start=start, blend=blend, on_step=on_step, cancel=cancel)
         timings["denoise"], clock = time.perf_counter() - clock, time.perf_counter()
 
         pixels, pil = None, []
         if r.decode:
-            pixels = self.vae.decode_tokens(x, h, w)
+            pixels = self.vae.decode_tokens(self._on_vae(x), h, w)
             pil = images.to_pil(pixels)
             timings["decode"] = time.perf_counter() - clock
         info = {
@@ -299,7 +315,10 @@ class Pipeline:
         pixels = list(plan.reference_pixels)
         if plan.mode == "inpaint":
             pixels.insert(0, plan.init_pixels)  # the source image is the first reference (T = 10)
-        return encode_references(self.vae, pixels) if pixels else None
+        return encode_references(self.vae, [self._on_vae(p) for p in pixels]) if pixels else None
+
+    def _on_vae(self, x: Tensor) -> Tensor:
+        return x.to(next(self.vae.parameters()).device)
 
     def _velocity(
         self,
@@ -310,10 +329,15 @@ class Pipeline:
         plan: _Plan,
     ) -> Callable[[Tensor, Tensor, int], Tensor]:
         """The model as the sampling loop calls it: references, reference KV, guidance and CFG folded in."""
-        model, dtype = self.transformer, self.transformer.dtype
+        model, dtype, device = self.transformer, self.transformer.dtype, self.device
         guidance = None
         if self.variant.defaults.guidance_mode == "embedded":
-            guidance = torch.full((plan.batch,), plan.guidance, dtype=torch.float32)
+            guidance = torch.full((plan.batch,), plan.guidance, dtype=torch.float32, device=device)
+        text = TextEmbeddings(text.embeds.to(device), text.ids.to(device))
+        if negative is not None:
+            negative = TextEmbeddings(negative.embeds.to(device), negative.ids.to(device))
+        if refs is not None:
+            refs = dataclasses.replace(refs, tokens=refs.tokens.to(device), ids=refs.ids.to(device))
         n_img = img_ids.shape[0]
         ref_tokens = refs.tokens.to(dtype).expand(plan.batch, -1, -1) if refs is not None else None
         kv: list[ReferenceKV] = []  # filled on the first step of reference-KV sampling

@@ -109,7 +109,7 @@ def denoise(
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled(f"cancelled after {i - start} of {total} steps")
         # Reproduces the reference's rounding: timestep in the latents' dtype, then / 1000.
-        t = schedule.timesteps[i].expand(x.shape[0]).to(x.dtype) / 1000
+        t = schedule.timesteps[i].expand(x.shape[0]).to(x.device, x.dtype) / 1000
         v = model(x, t, i)
         sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
         denoised = x - sigma.to(x.dtype) * v if on_step is not None else None
