@@ -165,6 +165,7 @@ def test_a_missing_model_is_one_line_in_a_subprocess(folder):
         (["-r", "missing.png"], 2, "argument -r/--reference: no file at 'missing.png'"),
         (["-o", "fox.jpg"], 2, "use .png"),
         (["--steps", "four"], 2, "argument --steps: invalid int value: 'four'"),
+        (["--device", "gpu"], 2, "argument --device: 'gpu' is not a torch device (cpu, cuda, cuda:1, mps)"),
     ],
 )
 def test_bad_input_is_one_line(folder, capsys, monkeypatch, args, code, message):

@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    pipe = Pipeline.from_pretrained(**_model_arguments(args), dtype=args.dtype)
+    pipe = Pipeline.from_pretrained(**_model_arguments(args), device=args.device, dtype=args.dtype)
     result = pipe.generate(
         args.prompt,
         references=args.reference,
@@ -205,6 +205,12 @@ def _parser() -> _Parser:
         "--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: as stored in the files)"
     )
     gen.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        help="where the networks run: cpu (default), cuda, cuda:1, mps",
+    )
+    gen.add_argument(
         "-r",
         "--reference",
         action="append",
@@ -271,6 +277,21 @@ def _image_file(value: str) -> str:
     if not Path(value).is_file():
         raise argparse.ArgumentTypeError(f"no file at {value!r}")
     return value
+
+
+def _device(value: str) -> torch.device:
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a torch device (cpu, cuda, cuda:1, mps)"
+        ) from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise argparse.ArgumentTypeError(f"{value!r} is not available with this machine and torch build")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value!r}: only {torch.cuda.device_count()} CUDA devices here")
+    return device
 
 
 def _output(value: str) -> Path:
