@@ -94,6 +94,25 @@ def test_distilled_text_to_image(klein):
     assert_close(raw_latents(ours, got), expected)
 
 
+def test_custom_sigmas(klein):
+    theirs, ours = klein
+    sigmas = [1.0, 0.7, 0.35]  # diffusers still takes the dynamic shift from num_inference_steps
+    expected = theirs(
+        prompt="a dog",
+        height=32,
+        width=32,
+        num_inference_steps=6,
+        sigmas=sigmas,
+        generator=gens(3, 1)[0],
+        output_type="latent",
+        text_encoder_out_layers=LAYERS,
+        **COMMON,
+    ).images
+    got = ours.generate("a dog", width=32, height=32, steps=6, sigmas=sigmas, seed=3, decode=False, **COMMON)
+    assert got.info["steps"] == 3
+    assert_close(raw_latents(ours, got), expected)
+
+
 def test_decoded_images_match(klein):
     theirs, ours = klein
     expected = theirs(

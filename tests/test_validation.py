@@ -113,6 +113,11 @@ MASK = torch.ones(1, 1, 32, 32)
         ),
         (dict(num_inference_steps=4), TypeError, r"'num_inference_steps': use steps="),
         (dict(guidance_scale=4.0), TypeError, r"'guidance_scale': use guidance="),
+        (dict(sigmas=[1.0, 0.5, 0.5]), ValueError, r"sigmas must decrease strictly, from noise towards"),
+        (dict(sigmas=[1.5, 0.5]), ValueError, r"sigmas must lie in \(0, 1\] \(1 is pure noise"),
+        (dict(sigmas=[1.0, float("nan")]), ValueError, r"sigmas must lie in \(0, 1\]"),
+        (dict(sigmas=[]), ValueError, r"sigmas must hold 1 to 1000 noise levels, got 0"),
+        (dict(sigmas="1.0"), TypeError, r"sigmas must be a sequence of numbers"),
     ],
 )
 def test_bad_requests(pipe, kwargs, error, message):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import logging
 import math
 import random
@@ -395,6 +396,8 @@ class Pipeline:
                 f"{MAX_IMAGES} per request"
             )
         steps = d.steps if r.steps is None else _check_int(r.steps, "steps", 1, MAX_STEPS)
+        if r.sigmas is not None:
+            _check_sigmas(r.sigmas)
         max_len = (
             d.max_sequence_length
             if r.max_sequence_length is None
@@ -611,6 +614,21 @@ def _prompts(r: GenerationRequest) -> list[str]:
     if isinstance(r.prompt, Sequence) and r.prompt and all(isinstance(p, str) for p in r.prompt):
         return list(r.prompt)
     raise TypeError(f"prompt must be a str or a non-empty list of str, got {r.prompt!r:.80}")
+
+
+def _check_sigmas(sigmas: Any) -> None:
+    """A custom schedule: 1 to MAX_STEPS noise levels in (0, 1], strictly decreasing (the shift and the
+    final 0 are added to it). As in diffusers, `steps` still sets the dynamic shift."""
+    try:
+        values = [float(v) for v in sigmas]
+    except (TypeError, ValueError):
+        raise TypeError(f"sigmas must be a sequence of numbers, got {sigmas!r}") from None
+    if not 1 <= len(values) <= MAX_STEPS:
+        raise ValueError(f"sigmas must hold 1 to {MAX_STEPS} noise levels, got {len(values)}")
+    if not all(0 < v <= 1 for v in values):  # also False for nan
+        raise ValueError(f"sigmas must lie in (0, 1] (1 is pure noise; the final 0 is added), got {values}")
+    if any(b >= a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"sigmas must decrease strictly, from noise towards the image, got {values}")
 
 
 def _check_int(value: Any, name: str, low: int, high: int) -> int:
