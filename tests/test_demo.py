@@ -72,8 +72,8 @@ def test_golden_image(pipe):
     assert diff.mean() <= GOLDEN_MEAN and diff.max() <= GOLDEN_MAX, (diff.mean() * 255, diff.max() * 255)
 
 
-# Small samples, so the bars sit below the rates that tools/eval_demo.py measures on 50 cases (72% colour,
-# 60% recolour with 88% positions kept, inpainting 95% changed and 95% kept); they catch a broken model.
+# Small samples, so the bars sit below the rates that tools/eval_demo.py measures on 50 cases (90% colour,
+# 92% recolour with 100% positions kept, inpainting 100% changed and 95% kept); they catch a broken model.
 def test_prompt_colour_appears(pipe):
     score = evaluate.text_to_image(pipe, n=10, seed=5000)
     assert score.rate("colour") >= 0.8, score
