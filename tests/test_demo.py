@@ -73,7 +73,8 @@ def test_golden_image(pipe):
 
 
 # Small samples, so the bars sit below the rates that tools/eval_demo.py measures on 50 cases (90% colour,
-# 92% recolour with 100% positions kept, inpainting 100% changed and 95% kept); they catch a broken model.
+# 92% recolour with 100% positions kept, moves 100% to the asked cell, combinations 100% on the second
+# image's background, inpainting 100% changed and 95% kept); they catch a broken model.
 def test_prompt_colour_appears(pipe):
     score = evaluate.text_to_image(pipe, n=10, seed=5000)
     assert score.rate("colour") >= 0.8, score
@@ -82,6 +83,12 @@ def test_prompt_colour_appears(pipe):
 def test_recolour_edit_keeps_the_position(pipe):
     score = evaluate.recolour(pipe, n=6, seed=6000)
     assert score.rate("position kept") >= 0.8 and score.rate("colour") >= 0.5, score
+
+
+def test_move_and_combine_edits(pipe):
+    moved = evaluate.edit(pipe, "move", n=6, seed=8000)
+    combined = evaluate.edit(pipe, "combine", n=6, seed=9000)
+    assert moved.rate("position") >= 0.8 and combined.rate("background") >= 0.8, (moved, combined)
 
 
 def test_inpainting_changes_only_the_masked_region(pipe):

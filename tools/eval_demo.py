@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 
@@ -28,6 +29,8 @@ def main() -> None:
     for measure, n in (
         (evaluate.text_to_image, args.n),
         (evaluate.recolour, args.n),
+        (partial(evaluate.edit, task="move"), args.n),
+        (partial(evaluate.edit, task="combine"), args.n),
         (evaluate.inpaint, max(1, round(args.n / 2.5))),
     ):
         started = time.perf_counter()

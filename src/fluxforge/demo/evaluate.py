@@ -2,10 +2,12 @@
 training never drew (training draws from `numpy.random.default_rng(0)`; these use their own seeds and are
 compared by caption, not by seed).
 
-Three measurements, each over `n` cases:
+Measurements, each over `n` cases:
   text_to_image  the prompt's shape colour is the picture's (and, reported too, its background and position);
   recolour       "the same shape in <colour>" with the scene as a reference: the new colour, at the
                  reference's position;
+  edit           "move it to the <position>" or "the shape from image 1 on the background of image 2": the
+                 picture is the edit's target scene;
   inpaint        the scene as init image, its shape's grid cell masked, "the same shape in <colour>": the
                  masked cell changes, the rest stays within a small pixel error of the source.
 """
@@ -91,6 +93,25 @@ def recolour(pipe, n: int = 50, seed: int = 2000) -> Score:
             }
         )
     return _tally("recolour edit", n, checks)
+
+
+def edit(pipe, task: str, n: int = 50, seed: int = 4000) -> Score:
+    """One of the trained reference edits (`data.EDITS`: "move", "combine", "recolour") on held-out scenes,
+    as training phrases it: the picture must be the edit's target scene (colour, background, position)."""
+    rng, checks = np.random.default_rng(seed), []
+    for i in range(n):
+        example = data.EDITS[task](rng, data.random_scene(rng))
+        references = [scene.render() for scene in example.references]
+        found = data.analyse(pipe.generate(example.caption, references=references, seed=seed + i).images[0])
+        target = example.target
+        checks.append(
+            {
+                "colour": found.colour == target.colour,
+                "background": found.background == target.background,
+                "position": found.position == target.position,
+            }
+        )
+    return _tally(f"{task} edit", n, checks)
 
 
 # Mean absolute pixel change (0..1) outside the mask that still counts as kept: the VAE's round trip and
