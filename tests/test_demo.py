@@ -72,17 +72,17 @@ def test_golden_image(pipe):
     assert diff.mean() <= GOLDEN_MEAN and diff.max() <= GOLDEN_MAX, (diff.mean() * 255, diff.max() * 255)
 
 
-# Small samples, so the bars sit below the rates that tools/eval_demo.py measures on 50 cases (90% colour,
-# 92% recolour with 100% positions kept, moves 100% to the asked cell, combinations 100% on the second
-# image's background, inpainting 100% changed and 95% kept); they catch a broken model.
+# Small samples, with bars below the rates that tools/eval_demo.py measures on 50 cases (colour 100%,
+# recolour 98% with every position kept, moves and combinations 100% in cell and background, inpainting
+# 100% changed and kept), so that they catch a broken model without failing on a few unlucky seeds.
 def test_prompt_colour_appears(pipe):
     score = evaluate.text_to_image(pipe, n=10, seed=5000)
-    assert score.rate("colour") >= 0.8, score
+    assert score.rate("colour") >= 0.9, score
 
 
 def test_recolour_edit_keeps_the_position(pipe):
     score = evaluate.recolour(pipe, n=6, seed=6000)
-    assert score.rate("position kept") >= 0.8 and score.rate("colour") >= 0.5, score
+    assert score.rate("position kept") >= 0.8 and score.rate("colour") >= 0.8, score
 
 
 def test_move_and_combine_edits(pipe):
@@ -94,3 +94,4 @@ def test_move_and_combine_edits(pipe):
 def test_inpainting_changes_only_the_masked_region(pipe):
     score = evaluate.inpaint(pipe, n=4, seed=7000)
     assert score.rate("rest kept") == 1.0 and score.rate("masked region changed") >= 0.75, score
+    assert score.rate("colour") >= 0.75, score

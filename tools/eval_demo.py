@@ -34,7 +34,7 @@ def main() -> None:
         (evaluate.inpaint, max(1, round(args.n / 2.5))),
     ):
         started = time.perf_counter()
-        score = measure(pipe, n)
+        score = measure(pipe, n=n)
         print(f"{score}  [{time.perf_counter() - started:.1f} s]", flush=True)
 
 
