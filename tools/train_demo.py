@@ -242,7 +242,8 @@ def dit_step(
     n = len(examples)
     captions = ["" if rng.random() < DROP_CAPTION else e.caption for e in examples]
     with torch.no_grad():
-        x0 = vae.encode_tokens(batch_pixels([e.target for e in examples]))  # [B, 64, 16]
+        targets = batch_pixels([e.target for e in examples])
+        x0 = vae.encode_tokens(targets)  # [B, 64, 16]
         refs = [
             vae.encode_tokens(batch_pixels([e.references[k] for e in examples]))
             for k in range(len(examples[0].references))
@@ -261,17 +262,15 @@ def dit_step(
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.cat([xt, *refs], dim=1), embeddings.embeds, sigma, ids, embeddings.ids)
     error = (out[:, : x0.shape[1]].float() - (noise - x0)).square().mean(-1)  # [B, tokens]
-    weight = 1.0 + foreground_weight * shape_share([e.target for e in examples])
+    weight = 1.0 + foreground_weight * shape_share(targets, [e.target.background for e in examples])
     return (weight * error).sum() / weight.sum()
 
 
-def shape_share(scenes: list[data.Scene]) -> Tensor:
-    """[B, tokens]: the share of each DiT token's pixels that belong to the shape, in token order."""
-    masks = []
-    for scene in scenes:
-        pixels = np.asarray(scene.render(), dtype=np.int16)
-        masks.append((pixels != np.array(data.COLOURS[scene.background])).any(-1))
-    shape = torch.from_numpy(np.stack(masks)).float().unsqueeze(1)
+def shape_share(pixels: Tensor, backgrounds: list[str]) -> Tensor:
+    """[B, tokens]: the share of each DiT token's pixels that belong to the shape, in token order, from the
+    rendered scenes [B, 3, H, W] (every pixel not of the background's exact colour)."""
+    colours = np.array([data.COLOURS[b] for b in backgrounds], dtype=np.float32) / 127.5 - 1.0  # as to_array
+    shape = (pixels != torch.from_numpy(colours)[:, :, None, None]).any(1, keepdim=True).float()
     return F.avg_pool2d(shape, data.TOKEN).flatten(1)
 
 
