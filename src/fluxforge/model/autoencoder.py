@@ -20,7 +20,8 @@ log-variance half of the encoder output is dropped and no sampling is offered.
 
 Layout: in bf16 / fp16 the activations run channels-last (NHWC), which oneDNN's convolutions take about
 1.3x faster on CPU; fp32, the exact reference mode, keeps diffusers' layout because channels-last
-convolutions round differently (~1e-5). Results always come back contiguous.
+convolutions round differently (~1e-5 in fp32, about one bf16 step in bf16, by CPU). `channels_last`
+overrides the choice (False gives diffusers' own ops in any dtype). Results always come back contiguous.
 
 Dtype: `encode` and `decode` cast their input to the weights' dtype and compute in it. diffusers does not
 cast, so a bf16 transformer feeding an fp32 VAE (or the reverse) crashes there (FLUX2_FACTS 8.4).
@@ -241,6 +242,7 @@ class AutoEncoder(nn.Module):
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else None
         self.bn = LatentStats(config.token_channels)
+        self.channels_last: bool | None = None  # None: channels-last in bf16 / fp16, diffusers' layout in fp32
 
     @property
     def dtype(self) -> torch.dtype:
@@ -248,7 +250,8 @@ class AutoEncoder(nn.Module):
 
     @property
     def _layout(self) -> torch.memory_format:
-        return torch.contiguous_format if self.dtype == torch.float32 else torch.channels_last
+        channels_last = self.dtype != torch.float32 if self.channels_last is None else self.channels_last
+        return torch.channels_last if channels_last else torch.contiguous_format
 
     def encode(self, x: Tensor) -> Tensor:
         """Images in [-1, 1] [B, 3, H, W] -> posterior mean [B, C, H/s, W/s], in the weights' dtype."""
