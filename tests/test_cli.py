@@ -10,10 +10,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-from tiny import TINY_DIT, tiny_diffusers_transformer, tiny_diffusers_vae
-from tiny_text import qwen3_tokenizer, randomize_, tiny_qwen3_config
-from transformers import Qwen3ForCausalLM
+from conftest import parts
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 
 from fluxforge import cli
 from fluxforge.images import read_png_metadata
@@ -23,14 +21,7 @@ from fluxforge.images import read_png_metadata
 def folder(tmp_path_factory) -> Path:
     """A folder with a tiny distilled klein checkpoint (klein/) and three input images."""
     root = tmp_path_factory.mktemp("cli")
-    Flux2KleinPipeline(
-        transformer=tiny_diffusers_transformer(**{**TINY_DIT, "joint_attention_dim": 48}),
-        vae=tiny_diffusers_vae(),
-        text_encoder=randomize_(Qwen3ForCausalLM(tiny_qwen3_config(4))),
-        tokenizer=qwen3_tokenizer(),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        is_distilled=True,
-    ).save_pretrained(root / "klein")
+    Flux2KleinPipeline(**parts(), is_distilled=True).save_pretrained(root / "klein")
     rng = np.random.default_rng(0)
     PIL.Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "ref.png")
     PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(root / "init.png")
@@ -137,7 +128,7 @@ def test_info(folder):
     done = fluxforge("info", "klein", cwd=folder)
     assert done.returncode == 0, done.stderr
     assert "variant      flux.2-klein-custom" in done.stdout
-    assert "no guidance (distilled)" in done.stdout and "hidden states 1, 2, 3 of 4" in done.stdout
+    assert "no guidance (distilled)" in done.stdout and "hidden states 9, 18, 27 of 28" in done.stdout
     transformer = next(line for line in done.stdout.splitlines() if line.startswith("transformer "))
     count = sum(
         p.numel() for p in Flux2Transformer2DModel.from_pretrained(folder / "klein/transformer").parameters()

@@ -11,8 +11,8 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from conftest import KLEIN_DIT, LAYERS, assert_close, gens, parts, picture
 from diffusers import FlowMatchEulerDiscreteScheduler
-from test_pipeline import KLEIN_DIT, LAYERS, assert_close, gens, parts, picture
 from tiny import tiny_diffusers_transformer, tiny_diffusers_vae
 
 from fluxforge import compat
@@ -463,10 +463,15 @@ CALLS = {  # a valid small call per facade, which each case below spoils in one 
     [
         (
             "klein",
-            dict(text_encoder_out_layers=(9, 18, 27)),
+            dict(text_encoder_out_layers=(9, 18, 29)),
             ValueError,
-            "but the text encoder was loaded for layers (1, 2, 3) (fluxforge builds only the layers it "
-            "reads); pass text_encoder_out_layers=(1, 2, 3)",
+            "text_encoder_out_layers=(9, 18, 29): each must be a layer 1..28 of this qwen3 text encoder",
+        ),
+        (
+            "klein",
+            dict(text_encoder_out_layers=(9, 18)),
+            ValueError,
+            "gives 32 text features, but the transformer takes 48 (3 layers of 16)",
         ),
         ("klein", dict(attention_kwargs={"scale": 0.5}), NotImplementedError, "fluxforge has no attention"),
         (
@@ -589,7 +594,7 @@ def test_from_pretrained_arguments(klein, tmp_path):
     klein[0].save_pretrained(tmp_path)
     pipe = compat.Flux2KleinPipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
     assert pipe.pipeline.transformer.dtype == torch.bfloat16
-    with pytest.raises(TypeError, match="pass dtype= or its diffusers name torch_dtype=, not both"):
+    with pytest.raises(TypeError, match="pass dtype= or its older name torch_dtype=, not both"):
         compat.Flux2KleinPipeline.from_pretrained(tmp_path, dtype="float32", torch_dtype=torch.float32)
     with pytest.raises(
         TypeError,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import PIL.Image
 import pytest
 import torch
+from conftest import KLEIN_DIT, LAYERS, assert_close, gens, parts, picture
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinInpaintPipeline,
@@ -15,27 +15,11 @@ from diffusers import (
     Flux2KleinPipeline,
     Flux2Pipeline,
 )
-from tiny import TINY_DIT, tiny_diffusers_transformer, tiny_diffusers_vae
-from tiny_text import qwen3_tokenizer, randomize_, tiny_qwen3_config
-from transformers import Qwen3ForCausalLM
+from tiny import tiny_diffusers_transformer, tiny_diffusers_vae
 
 import fluxforge as ff
 
-TOL = 1e-5
-LAYERS = (1, 2, 3)  # the tiny Qwen3 has 4 layers; the custom-size rule picks these
-KLEIN_DIT = {**TINY_DIT, "joint_attention_dim": 48, "guidance_embeds": False}
 COMMON = dict(max_sequence_length=32)
-
-
-def parts() -> dict:
-    torch.manual_seed(0)
-    return dict(
-        transformer=tiny_diffusers_transformer(**KLEIN_DIT),
-        vae=tiny_diffusers_vae(),
-        text_encoder=randomize_(Qwen3ForCausalLM(tiny_qwen3_config(4))),
-        tokenizer=qwen3_tokenizer(),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-    )
 
 
 def saved(pipe, folder: Path):
@@ -59,21 +43,6 @@ def raw_latents(ours: ff.Pipeline, result: ff.GenerationResult) -> torch.Tensor:
 
     h, w = result.info["height"] // ours.pixels_per_token, result.info["width"] // ours.pixels_per_token
     return unpatchify(ours.vae.denormalize(unpack(result.latents, h, w)), (2, 2))
-
-
-def gens(seed: int, n: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(seed + b) for b in range(n)]
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> None:
-    assert a.shape == b.shape
-    assert (a - b).abs().max().item() <= tol
-
-
-def picture(width: int, height: int, seed: int) -> PIL.Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    data = (torch.rand(height, width, 3, generator=gen) * 255).to(torch.uint8).numpy()
-    return PIL.Image.fromarray(data)
 
 
 def test_distilled_text_to_image(klein):

@@ -7,8 +7,9 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import parts, picture
 from diffusers import Flux2KleinPipeline
-from test_pipeline import parts, picture, saved
+from test_pipeline import saved
 
 import fluxforge as ff
 

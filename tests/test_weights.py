@@ -4,43 +4,34 @@ errors a user sees for files that cannot be loaded."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import KLEIN_DIT, LAYERS, TEXT_DEPTH
+from conftest import parts as klein_parts
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 from diffusers.loaders.single_file_utils import (
     convert_flux2_transformer_checkpoint_to_diffusers,
     convert_ldm_vae_checkpoint,
 )
 from safetensors.torch import load_file, save_file
-from tiny import TINY_DIT, tiny_diffusers_transformer, tiny_diffusers_vae, to_bfl
+from tiny import tiny_diffusers_transformer, tiny_diffusers_vae, to_bfl
 from tiny_text import qwen3_tokenizer, randomize_, tiny_qwen3_config
 from transformers import Qwen3ForCausalLM
 
 import fluxforge
-from fluxforge import bfl, weights
+from fluxforge import bfl, checkpoint, weights
 from fluxforge.config import VARIANTS, TransformerConfig
 from fluxforge.errors import CheckpointError
 from fluxforge.model.transformer import Flux2Transformer
 
-TEXT_LAYERS = 4  # the tiny Qwen3 has 4 layers; custom sizes use the layers at 1/4, 2/4, 3/4 depth
-KLEIN_DIT = {**TINY_DIT, "joint_attention_dim": 3 * 16, "guidance_embeds": False}
-
 
 @pytest.fixture(scope="module")
 def parts():
-    torch.manual_seed(0)
-    return dict(
-        transformer=tiny_diffusers_transformer(**KLEIN_DIT),
-        vae=tiny_diffusers_vae(),
-        text_encoder=randomize_(Qwen3ForCausalLM(tiny_qwen3_config(TEXT_LAYERS))).eval(),
-        tokenizer=qwen3_tokenizer(),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-    )
+    return klein_parts()
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +55,22 @@ def assert_same_weights(module: torch.nn.Module, reference: dict[str, torch.Tens
 def test_diffusers_folder_loads_every_component(klein_folder, parts):
     c = fluxforge.load(klein_folder)
     assert c.variant.family == "flux.2-klein" and c.variant.name == "flux.2-klein-custom"
-    assert c.variant.text_encoder.out_layers == (1, 2, 3)
+    assert c.variant.text_encoder.out_layers == LAYERS  # diffusers' default, which fits a 28-layer encoder
     assert_same_weights(c.transformer, parts["transformer"].state_dict())
     assert_same_weights(c.vae, parts["vae"].state_dict())
     assert c.transformer.dtype == torch.float32 and not any(
         p.requires_grad for p in c.transformer.parameters()
     )
 
-    # The truncated encoder gives the full model's hidden states 1, 2, 3.
-    ids = c.tokenizer(["a fox"], return_tensors="pt", padding="max_length", max_length=12)
+    # The truncated encoder gives the full model's hidden states 9, 18, 27.
+    tokens = c.tokenizer.encode(["a fox"], 12)
     with torch.no_grad():
-        feats = c.text_encoder(ids["input_ids"], ids["attention_mask"])
-        full = parts["text_encoder"](**ids, output_hidden_states=True).hidden_states
-    assert feats.shape == (1, 12, 48)
-    assert torch.equal(feats, torch.cat([full[1], full[2], full[3]], dim=-1))
+        feats = c.text_encoder(tokens.input_ids, tokens.attention_mask)
+        full = parts["text_encoder"](
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True
+        ).hidden_states
+    assert feats.shape == (1, 12, 48) and len(c.text_encoder.layers) == 27
+    assert torch.equal(feats, torch.cat([full[k] for k in LAYERS], dim=-1))
 
 
 def test_dtype_is_applied_while_loading(klein_folder, parts):
@@ -218,7 +211,7 @@ def test_wrong_shape_is_reported_before_any_data_is_read(klein_folder, tmp_path,
     state["extra.weight"] = torch.zeros(1)
     save_file(state, file)
     reads = []
-    monkeypatch.setattr(weights.Tensors, "read", lambda self, keys: reads.append(keys) or iter(()))
+    monkeypatch.setattr(checkpoint.Tensors, "read", lambda self, keys: reads.append(keys) or iter(()))
     with pytest.raises(CheckpointError) as err:
         fluxforge.load(folder)
     assert err.value.mismatched == ["context_embedder.weight: file has [32, 40], expected [32, 48]"]
@@ -284,7 +277,7 @@ def test_text_encoder_that_does_not_fit_the_transformer(klein_folder, tmp_path):
 
 
 def _wider_qwen(tmp_path: Path) -> Path:
-    cfg = tiny_qwen3_config(TEXT_LAYERS)
+    cfg = tiny_qwen3_config(TEXT_DEPTH)
     cfg.hidden_size = 32
     folder = tmp_path / "wide"
     randomize_(Qwen3ForCausalLM(cfg)).save_pretrained(folder)
@@ -305,7 +298,8 @@ def test_dev_folder_with_mistral_text_encoder(tmp_path, monkeypatch):
 
     torch.manual_seed(0)
     transformer = tiny_diffusers_transformer(**{**KLEIN_DIT, "guidance_embeds": True})
-    text = randomize_(Mistral3ForConditionalGeneration(tiny_mistral3_config(TEXT_LAYERS))).eval()
+    # 31 layers: deep enough for diffusers' dev default (10, 20, 30), whose last is then not the normed one
+    text = randomize_(Mistral3ForConditionalGeneration(tiny_mistral3_config(31))).eval()
     Flux2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=tiny_diffusers_vae(),
@@ -314,20 +308,22 @@ def test_dev_folder_with_mistral_text_encoder(tmp_path, monkeypatch):
         transformer=transformer,
     ).save_pretrained(tmp_path)
     read: list[str] = []
-    original = weights.Tensors.read
-    monkeypatch.setattr(weights.Tensors, "read", lambda self, keys: read.extend(keys) or original(self, keys))
+    original = checkpoint.Tensors.read
+    monkeypatch.setattr(
+        checkpoint.Tensors, "read", lambda self, keys: read.extend(keys) or original(self, keys)
+    )
     c = fluxforge.load(tmp_path)
     text_keys = [k for k in read if "language_model" in k or "vision" in k or "lm_head" in k]
-    assert text_keys and not [k for k in text_keys if "layers.3." in k or "vision" in k or "lm_head" in k]
+    assert text_keys and not [k for k in text_keys if "layers.30." in k or "vision" in k or "lm_head" in k]
     assert c.variant.family == "flux.2-dev" and c.variant.name == "flux.2-dev-custom"
-    assert c.variant.text_encoder.kind == "mistral3" and c.variant.text_encoder.out_layers == (1, 2, 3)
+    assert c.variant.text_encoder.kind == "mistral3" and c.variant.text_encoder.out_layers == (10, 20, 30)
     assert_same_weights(c.transformer, transformer.state_dict())
     ids = torch.tensor([[5, 9, 200, 31, 4, 4]])
     mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
     with torch.no_grad():
         feats = c.text_encoder(ids, mask)
         full = text(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    assert torch.equal(feats, torch.cat([full[1], full[2], full[3]], dim=-1))
+    assert torch.equal(feats, torch.cat([full[10], full[20], full[30]], dim=-1))
     assert c.tokenizer is not None
 
 
@@ -349,29 +345,29 @@ def test_component_folder_points_to_its_parent(klein_folder):
         fluxforge.load(klein_folder / "transformer")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
-def test_pixtral_processor_without_torchvision_says_what_to_install(tmp_path):
-    from tiny_text import mistral3_tokenizer
+def test_pixtral_processor_folder_loads_without_torchvision(tmp_path):
+    """dev's tokenizer folder is a Pixtral processor's; prompts need only its tokenizer and chat template."""
+    from tiny_text import MISTRAL3_CHAT_TEMPLATE, mistral3_tokenizer
 
-    mistral3_tokenizer().save_pretrained(tmp_path)
+    tokenizer = mistral3_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path)
     (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "PixtralProcessor"}))
-    (tmp_path / "preprocessor_config.json").write_text(
-        json.dumps(
-            {"image_processor_type": "PixtralImageProcessorFast", "processor_class": "PixtralProcessor"}
-        )
-    )
-    with pytest.raises(ImportError, match=r"Pixtral processor, .*\(pip install torchvision\)"):
-        weights.load_tokenizer(tmp_path, "mistral3")
+    (tmp_path / "chat_template.jinja").write_text(MISTRAL3_CHAT_TEMPLATE)
+    loaded = weights.load_tokenizer(tmp_path)
+    assert loaded.chat_template == MISTRAL3_CHAT_TEMPLATE
+    user = [{"role": "user", "content": [{"type": "text", "text": "a fox"}]}]
+    assert loaded.render([user]) == ["<s>[INST]a fox[/INST]"]
 
 
 def test_sharded_text_encoder(parts, tmp_path):
     parts["text_encoder"].save_pretrained(tmp_path / "te", max_shard_size="100KB")
     assert (tmp_path / "te" / "model.safetensors.index.json").is_file()
     encoder, text_cfg = weights.load_text_encoder(tmp_path / "te", VARIANTS["flux.2-klein-4b"])
-    assert text_cfg.out_layers == (1, 2, 3)
+    assert text_cfg.out_layers == LAYERS
     full = parts["text_encoder"].state_dict()
     for key, value in encoder.state_dict().items():
-        assert torch.equal(value, full[key.replace("lm.", "model.", 1)]), key
+        assert torch.equal(value, full["model." + key]), key
 
 
 def test_bfl_file_missing_a_sizing_key(tmp_path):

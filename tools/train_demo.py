@@ -49,6 +49,7 @@ from fluxforge.demo import DEMO_PATH, data
 from fluxforge.model.autoencoder import AutoEncoder, patchify
 from fluxforge.model.text import TextEmbeddings, TextEncoder, encode_prompts
 from fluxforge.model.transformer import Flux2Transformer
+from fluxforge.tokenizer import ChatTokenizer
 from fluxforge.weights import load, load_vae
 
 QWEN3_CHAT_TEMPLATE = (  # Qwen3's template, reduced to what klein uses: user turns, thinking off
@@ -218,7 +219,8 @@ class TextCache:
     """Caption -> DiT text tokens [1, L, D]: the encoder is frozen and captions repeat."""
 
     def __init__(self, encoder: TextEncoder, tokenizer: Qwen2TokenizerFast) -> None:
-        self.encoder, self.tokenizer, self.cache = encoder, tokenizer, dict[str, Tensor]()
+        self.encoder, self.cache = encoder, dict[str, Tensor]()
+        self.tokenizer = ChatTokenizer.from_transformers(tokenizer)
 
     def __call__(self, captions: list[str]) -> Tensor:
         new = [c for c in dict.fromkeys(captions) if c not in self.cache]

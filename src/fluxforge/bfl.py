@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fluxforge.checkpoint import Source
 from fluxforge.config import AutoencoderConfig, TransformerConfig
 from fluxforge.errors import CheckpointError
 from fluxforge.model.autoencoder import AutoEncoder
@@ -76,10 +77,8 @@ def looks_like_flux1(keys: Mapping[str, Any]) -> bool:
     )
 
 
-def transformer_source(key: str, prefix: str = ""):
+def transformer_source(key: str, prefix: str = "") -> Source:
     """The BFL source of one diffusers transformer key."""
-    from fluxforge.weights import Source  # weights imports this module
-
     if key in _TOP:
         return Source(prefix + _TOP[key])
     if key == "norm_out.linear.weight":
@@ -102,7 +101,7 @@ def _shape(keys: Mapping[str, Any], key: str, path_hint: str) -> tuple[int, ...]
     try:
         return tuple(keys[key].shape)
     except KeyError:
-        where = getattr(keys, "where", None)  # weights.Tensors knows its file
+        where = getattr(keys, "where", None)  # checkpoint.Tensors knows its file
         raise CheckpointError(
             f"cannot size the {path_hint}: the key {key} is missing",
             path=str(where) if where else None,
@@ -163,9 +162,7 @@ _VAE_RULES = [  # (diffusers pattern, BFL replacement), applied in order to the 
 ]
 
 
-def vae_source(key: str, num_up_blocks: int, nested_quant_convs: bool = True):
-    from fluxforge.weights import Source
-
+def vae_source(key: str, num_up_blocks: int, nested_quant_convs: bool = True) -> Source:
     if not nested_quant_convs and key.startswith(("quant_conv.", "post_quant_conv.")):
         return Source(key)  # LDM-style files keep them at the top level
     bfl_key = key

@@ -19,16 +19,19 @@ Deliberate differences from diffusers:
     unknown argument is named with its closest valid spelling.
   * Reference images may be numpy arrays or tensors as well as PIL images (diffusers documents them but
     only takes PIL). References, the init image and the mask (one each) are shared by the whole batch.
-  * `text_encoder_out_layers` must be the layers the text encoder was loaded for (fluxforge builds only
-    those); `attention_kwargs`, `padding_mask_crop`, caption upsampling and callbacks that replace tensors
-    raise NotImplementedError instead of being half supported.
-  * `from_pretrained` takes `Pipeline.from_pretrained`'s arguments, with `torch_dtype=` as a synonym of
-    `dtype=`, and checks that the model is one the class runs. `pipe.to(device, dtype)`, `pipe.device`
-    and `pipe.dtype` work as there; CPU offloading (`enable_model_cpu_offload`) raises NotImplementedError.
+  * fluxforge builds only the text-encoder layers it reads: a call with other `text_encoder_out_layers`
+    rebuilds the text encoder for them from the files once (logged). `attention_kwargs`,
+    `padding_mask_crop`, caption upsampling and callbacks that replace tensors raise NotImplementedError
+    instead of being half supported.
+  * `from_pretrained` takes `Pipeline.from_pretrained`'s arguments, with `torch_dtype=` as the older name of
+    `dtype=` and diffusers' default dtypes, and checks that the model is one the class runs.
+    `pipe.to(device, dtype)`, `pipe.device` and `pipe.dtype` work as there; CPU
+    offloading (`enable_model_cpu_offload`) raises NotImplementedError.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import logging
@@ -47,6 +50,7 @@ from fluxforge.images import ImageInput
 from fluxforge.model.autoencoder import unpack, unpatchify
 from fluxforge.pipeline import GenerationRequest, GenerationResult, Pipeline
 from fluxforge.sampling import StepInfo, make_schedule
+from fluxforge.weights import load_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +123,8 @@ class Flux2PipelineOutput:
 
 
 Facade = TypeVar("Facade", bound="_Facade")
+# What diffusers 0.42.1 loads without torch_dtype: its own models in float32, transformers' as stored.
+_DIFFUSERS_DTYPES = {"transformer": torch.float32, "vae": torch.float32, "text_encoder": "stored"}
 _NO_OFFLOAD = (
     "fluxforge.compat does not offload networks to the CPU between calls: load the model on one device "
     "(from_pretrained(path, device='cuda') or pipe.to('cuda')), in bfloat16 to halve its memory"
@@ -162,19 +168,22 @@ class _Facade:
         torch_dtype: torch.dtype | str | None = None,
         **unknown: Any,
     ) -> Facade:
-        """Load a model as `fluxforge.Pipeline.from_pretrained` does; `torch_dtype=` is diffusers' name for
-        `dtype=`. Hub ids are not downloaded: pass a local folder."""
+        """Load a model as `fluxforge.Pipeline.from_pretrained` does (a folder, a BFL file or a hub id), with
+        diffusers' dtypes: `dtype=` (or the deprecated `torch_dtype=`) for every network, and without either
+        the transformer and the VAE in float32 and the text encoder as stored, as diffusers 0.42.1 loads them,
+        so that ported code gives diffusers' numbers."""
         _reject(
             unknown, inspect.signature(cls.from_pretrained).parameters, {}, f"{cls.__name__}.from_pretrained"
         )
         if dtype is not None and torch_dtype is not None:
-            raise TypeError("pass dtype= or its diffusers name torch_dtype=, not both")
+            raise TypeError("pass dtype= or its older name torch_dtype=, not both")
+        given = dtype if torch_dtype is None else torch_dtype
         pipeline = Pipeline.from_pretrained(
             path,
             vae=vae,
             text_encoder=text_encoder,
             device=device,
-            dtype=dtype if torch_dtype is None else torch_dtype,
+            dtype=_DIFFUSERS_DTYPES if given is None else given,
             variant=variant,
         )
         return cls(pipeline)
@@ -212,6 +221,35 @@ class _Facade:
 
     # -----------------------------------------------------------------------------------------------------
 
+    def _checked(self, call: dict[str, Any]) -> dict[str, Any]:
+        """A call's arguments (`locals()` of `__call__`), the ones every facade shares checked before any
+        work is done."""
+        call = {k: v for k, v in call.items() if k != "self"}
+        self._check(
+            call["kwargs"],
+            output_type=call["output_type"],
+            attention_kwargs=call["attention_kwargs"],
+            callback=call["callback_on_step_end"],
+            callback_inputs=call["callback_on_step_end_tensor_inputs"],
+            text_encoder_out_layers=call["text_encoder_out_layers"],
+        )
+        return call
+
+    def _request(self, call: dict[str, Any], **mode: Any) -> GenerationRequest:
+        """The one request of a call: the arguments every facade shares, and those of its mode."""
+        return GenerationRequest(
+            prompt=call["prompt"],
+            steps=call["num_inference_steps"],
+            num_images=call["num_images_per_prompt"],
+            max_sequence_length=call["max_sequence_length"],
+            prompt_embeds=call["prompt_embeds"],
+            noise=call["latents"],
+            generator=call["generator"],
+            sigmas=call["sigmas"],
+            decode=call["output_type"] != "latent",
+            **mode,
+        )
+
     def _check(
         self,
         unknown: dict[str, Any],
@@ -222,7 +260,6 @@ class _Facade:
         callback_inputs: Sequence[str],
         text_encoder_out_layers: Sequence[int],
     ) -> None:
-        """The arguments every facade shares, checked before any work is done."""
         name = type(self).__name__
         _reject(unknown, inspect.signature(type(self).__call__).parameters, self.hints, f"{name}.__call__")
         if attention_kwargs:
@@ -247,13 +284,45 @@ class _Facade:
                 "callback_on_step_end_tensor_inputs: fluxforge.compat hands callbacks only 'latents'; "
                 "leave 'prompt_embeds' out"
             )
-        encoder = self.pipeline.components.text_encoder
-        if encoder is not None and tuple(text_encoder_out_layers) != tuple(encoder.out_layers):
+        self._use_text_layers(tuple(text_encoder_out_layers))
+
+    def _use_text_layers(self, layers: tuple[int, ...]) -> None:
+        """diffusers reads any hidden states at call time; fluxforge builds only the layers it reads, so other
+        layers mean a text encoder rebuilt for them from the files (once: it then stays)."""
+        components = self.pipeline.components
+        encoder = components.text_encoder
+        if encoder is None or layers == encoder.out_layers:
+            return
+        if components.text_encoder_path is None:
             raise ValueError(
-                f"text_encoder_out_layers={tuple(text_encoder_out_layers)}, but the text encoder was loaded "
-                f"for layers {encoder.out_layers} (fluxforge builds only the layers it reads); pass "
+                f"text_encoder_out_layers={layers}, but the text encoder was loaded for layers "
+                f"{encoder.out_layers} and not from files it can be rebuilt from; pass "
                 f"text_encoder_out_layers={encoder.out_layers} or leave it out"
             )
+        log.info(
+            "text_encoder_out_layers=%s: rebuilding the text encoder from %s for those layers (it was loaded "
+            "for %s)",
+            layers,
+            components.text_encoder_path,
+            encoder.out_layers,
+        )
+        weight = encoder.embed_tokens.weight
+        rebuilt, text_cfg = load_text_encoder(
+            components.text_encoder_path,
+            self.pipeline.variant,
+            out_layers=layers,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        width = self.pipeline.transformer.config.joint_attention_dim
+        if rebuilt.feature_dim != width:
+            raise ValueError(
+                f"text_encoder_out_layers={layers} gives {rebuilt.feature_dim} text features, but the "
+                f"transformer takes {width} ({width // rebuilt.hidden_size} layers of {rebuilt.hidden_size})"
+            )
+        components.text_encoder = rebuilt
+        variant = dataclasses.replace(self.pipeline.variant, text_encoder=text_cfg)
+        components.variant = self.pipeline.variant = variant
 
     def _guidance(self, guidance_scale: float | None) -> float | None:
         """klein's rule: classifier-free guidance on base models; distilled ones ignore the scale, with
@@ -264,12 +333,8 @@ class _Facade:
             log.warning("Guidance scale %s is ignored for step-wise distilled models.", guidance_scale)
         return None
 
-    def _run(
-        self,
-        request: GenerationRequest,
-        callback: StepCallback | None,
-        callback_inputs: Sequence[str],
-    ) -> GenerationResult:
+    def _run(self, request: GenerationRequest, call: dict[str, Any]) -> GenerationResult:
+        callback, callback_inputs = call["callback_on_step_end"], call["callback_on_step_end_tensor_inputs"]
         on_step = None if callback is None else self._step_callback(request, callback, callback_inputs)
         return self.pipeline.run(request, on_step=on_step)
 
@@ -399,37 +464,22 @@ class Flux2Pipeline(_Facade):
         caption_upsample_temperature: float | None = None,
         **kwargs: Any,
     ) -> Flux2PipelineOutput | tuple[Any]:
-        self._check(
-            kwargs,
-            output_type=output_type,
-            attention_kwargs=attention_kwargs,
-            callback=callback_on_step_end,
-            callback_inputs=callback_on_step_end_tensor_inputs,
-            text_encoder_out_layers=text_encoder_out_layers,
-        )
+        call = self._checked(locals())
         _not_a_prompt(image, prompt, prompt_embeds)
         if caption_upsample_temperature:
             raise NotImplementedError(
                 "caption_upsample_temperature: fluxforge does not rewrite prompts with the text encoder; "
                 "rewrite the prompt before the call and leave caption_upsample_temperature out"
             )
-        request = GenerationRequest(
-            prompt=prompt,
+        request = self._request(
+            call,
             references=_images(image),
             width=width,
             height=height,
-            steps=num_inference_steps,
             guidance=guidance_scale,
-            num_images=num_images_per_prompt,
-            max_sequence_length=max_sequence_length,
-            prompt_embeds=prompt_embeds,
-            noise=latents,
-            generator=generator,
-            sigmas=sigmas,
-            decode=output_type != "latent",
         )
-        result = self._run(request, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        return self._output(result, output_type, return_dict)
+        result = self._run(request, call)
+        return self._output(result, call["output_type"], call["return_dict"])
 
 
 class Flux2KleinPipeline(_Facade):
@@ -464,33 +514,18 @@ class Flux2KleinPipeline(_Facade):
         text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
         **kwargs: Any,
     ) -> Flux2PipelineOutput | tuple[Any]:
-        self._check(
-            kwargs,
-            output_type=output_type,
-            attention_kwargs=attention_kwargs,
-            callback=callback_on_step_end,
-            callback_inputs=callback_on_step_end_tensor_inputs,
-            text_encoder_out_layers=text_encoder_out_layers,
-        )
+        call = self._checked(locals())
         _not_a_prompt(image, prompt, prompt_embeds)
-        request = GenerationRequest(
-            prompt=prompt,
+        request = self._request(
+            call,
             references=_images(image),
             width=width,
             height=height,
-            steps=num_inference_steps,
             guidance=self._guidance(guidance_scale),
-            num_images=num_images_per_prompt,
-            max_sequence_length=max_sequence_length,
-            prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
-            noise=latents,
-            generator=generator,
-            sigmas=sigmas,
-            decode=output_type != "latent",
         )
-        result = self._run(request, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        return self._output(result, output_type, return_dict)
+        result = self._run(request, call)
+        return self._output(result, call["output_type"], call["return_dict"])
 
 
 class Flux2KleinKVPipeline(_Facade):
@@ -526,31 +561,16 @@ class Flux2KleinKVPipeline(_Facade):
         text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
         **kwargs: Any,
     ) -> Flux2PipelineOutput | tuple[Any]:
-        self._check(
-            kwargs,
-            output_type=output_type,
-            attention_kwargs=attention_kwargs,
-            callback=callback_on_step_end,
-            callback_inputs=callback_on_step_end_tensor_inputs,
-            text_encoder_out_layers=text_encoder_out_layers,
-        )
+        call = self._checked(locals())
         _not_a_prompt(image, prompt, prompt_embeds)
-        request = GenerationRequest(
-            prompt=prompt,
+        request = self._request(
+            call,
             references=_images(image),
             width=width,
             height=height,
-            steps=num_inference_steps,
-            num_images=num_images_per_prompt,
-            max_sequence_length=max_sequence_length,
-            prompt_embeds=prompt_embeds,
-            noise=latents,
-            generator=generator,
-            sigmas=sigmas,
-            decode=output_type != "latent",
         )
-        result = self._run(request, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        return self._output(result, output_type, return_dict)
+        result = self._run(request, call)
+        return self._output(result, call["output_type"], call["return_dict"])
 
 
 class Flux2KleinInpaintPipeline(_Facade):
@@ -594,14 +614,7 @@ class Flux2KleinInpaintPipeline(_Facade):
         text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
         **kwargs: Any,
     ) -> Flux2PipelineOutput | tuple[Any]:
-        self._check(
-            kwargs,
-            output_type=output_type,
-            attention_kwargs=attention_kwargs,
-            callback=callback_on_step_end,
-            callback_inputs=callback_on_step_end_tensor_inputs,
-            text_encoder_out_layers=text_encoder_out_layers,
-        )
+        call = self._checked(locals())
         if padding_mask_crop is not None:
             raise NotImplementedError(
                 "padding_mask_crop: fluxforge inpaints the whole image; crop the image and mask around the "
@@ -623,26 +636,18 @@ class Flux2KleinInpaintPipeline(_Facade):
                 "image k to image k of the batch, while fluxforge shares every reference by the batch: make "
                 "one call per image, or pass a number of references other than the batch size"
             )
-        request = GenerationRequest(
-            prompt=prompt,
+        request = self._request(
+            call,
             references=references,
             init_image=_single(image, "image", "image to repaint"),
             strength=strength,
             mask=_single(mask_image, "mask_image", "mask"),
-            steps=num_inference_steps,
             guidance=self._guidance(guidance_scale),
-            num_images=num_images_per_prompt,
-            max_sequence_length=max_sequence_length,
-            prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
             # diffusers starts from the given latents as they are and re-noises the kept area with them
-            noise=latents,
             start_latents=latents,
-            generator=generator,
-            sigmas=sigmas,
-            decode=output_type != "latent",
         )
-        result = self._run(request, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        result = self._run(request, call)
         size = (result.info["width"], result.info["height"])
         if (width is not None and width != size[0]) or (height is not None and height != size[1]):
             log.warning(
@@ -651,7 +656,7 @@ class Flux2KleinInpaintPipeline(_Facade):
                 *size,
                 _INPAINT_FIX,
             )
-        return self._output(result, output_type, return_dict)
+        return self._output(result, call["output_type"], call["return_dict"])
 
 
 class Flux2KleinImg2ImgPipeline(_Facade):
@@ -698,37 +703,22 @@ class Flux2KleinImg2ImgPipeline(_Facade):
         image_reference: Images | None = None,
         **kwargs: Any,
     ) -> Flux2PipelineOutput | tuple[Any]:
-        self._check(
-            kwargs,
-            output_type=output_type,
-            attention_kwargs=attention_kwargs,
-            callback=callback_on_step_end,
-            callback_inputs=callback_on_step_end_tensor_inputs,
-            text_encoder_out_layers=text_encoder_out_layers,
-        )
+        call = self._checked(locals())
         _not_a_prompt(image, prompt, prompt_embeds)
         if image is None:
             raise ValueError(
                 "Flux2KleinImg2ImgPipeline needs image= (the init image); for text-to-image use "
                 "Flux2KleinPipeline"
             )
-        request = GenerationRequest(
-            prompt=prompt,
+        request = self._request(
+            call,
             references=_images(image_reference),
             init_image=_single(image, "image", "init image"),
             strength=strength,
             width=width,
             height=height,
-            steps=num_inference_steps,
             guidance=self._guidance(guidance_scale),
-            num_images=num_images_per_prompt,
-            max_sequence_length=max_sequence_length,
-            prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
-            noise=latents,
-            generator=generator,
-            sigmas=sigmas,
-            decode=output_type != "latent",
         )
-        result = self._run(request, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        return self._output(result, output_type, return_dict)
+        result = self._run(request, call)
+        return self._output(result, call["output_type"], call["return_dict"])

@@ -35,15 +35,16 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from fluxforge import images
+from fluxforge import dtypes, images
 from fluxforge.conditioning import ReferenceTokens, draw_noise, encode_references, grid_ids, mask_tokens
 from fluxforge.config import Variant
 from fluxforge.demo import DEMO_NOTICE, DEMO_PATH
+from fluxforge.dtypes import DtypeRule, resolve_dtype
 from fluxforge.model.autoencoder import AutoEncoder, pack
 from fluxforge.model.text import TextEmbeddings, encode_prompts, text_ids
 from fluxforge.model.transformer import Flux2Transformer, ReferenceKV
 from fluxforge.sampling import StepInfo, add_noise, denoise, make_schedule, start_step
-from fluxforge.weights import Components, load, resolve_dtype
+from fluxforge.weights import Components, load
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +136,27 @@ class Pipeline:
         vae: str | Path | None = None,
         text_encoder: str | Path | None = None,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype | str | None = None,
+        dtype: DtypeRule = "auto",
         variant: str | Variant | None = None,
+        text_encoder_out_layers: Sequence[int] | None = None,
     ) -> Pipeline:
-        """`path` None loads the built-in demo model (variant fluxforge-demo, see fluxforge.demo)."""
+        """Load a model as `fluxforge.load` does (a folder, a BFL file, or a hub id; `dtype="auto"` keeps the
+        stored dtype where the device computes it natively, else float32). `path` None loads the built-in
+        demo model (variant fluxforge-demo, see fluxforge.demo)."""
         if path is None:
             # A warning, so that it shows without any logging set up: the images will not be FLUX.2's.
             log.warning(DEMO_NOTICE)
             path = DEMO_PATH
         return cls(
-            load(path, vae=vae, text_encoder=text_encoder, device=device, dtype=dtype, variant=variant)
+            load(
+                path,
+                vae=vae,
+                text_encoder=text_encoder,
+                device=device,
+                dtype=dtype,
+                variant=variant,
+                text_encoder_out_layers=text_encoder_out_layers,
+            )
         )
 
     @property
@@ -156,7 +168,10 @@ class Pipeline:
         self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
     ) -> Pipeline:
         """Move (and cast) every network, in place; returns the pipeline, as `torch.nn.Module.to` does."""
-        dtype = resolve_dtype(dtype)
+        if dtype is not None:
+            dtype = resolve_dtype(dtype)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"Pipeline.to(dtype=) takes a dtype, got {dtype!r}")
         for module in (self.transformer, self.vae, self.components.text_encoder):
             if module is not None:
                 module.to(device=device, dtype=dtype)
@@ -284,6 +299,8 @@ class Pipeline:
             "num_references": len(plan.reference_pixels),
             "reference_sizes": [tuple(p.shape[-1:-3:-1]) for p in plan.reference_pixels],
             "max_sequence_length": plan.max_sequence_length,
+            "dtype": dtypes.name(dtype),
+            "dtype_reason": self.components.dtype.reason if self.components.dtype else None,
             "timings": timings,
         }
         return GenerationResult(pil, list(plan.seeds) if plan.seeds else [None] * plan.batch, info, x, pixels)
@@ -412,6 +429,11 @@ class Pipeline:
             )
         if r.negative_prompt is not None and not isinstance(r.negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str, got {type(r.negative_prompt).__name__}")
+        if r.negative_prompt is not None and guidance is not None and guidance <= 1:
+            raise ValueError(
+                f"negative_prompt is used only with classifier-free guidance, which runs when guidance > 1 "
+                f"(guidance is {guidance:g}): raise guidance above 1, or leave the negative prompt out"
+            )
         mode = self._mode(r)
         strength = r.strength
         if mode in ("img2img", "inpaint"):

@@ -19,18 +19,16 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from torch import nn
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
-from fluxforge import bfl
+from fluxforge import bfl, dtypes
+from fluxforge.checkpoint import Source, Tensors, load_module, stored_dtype
 from fluxforge.config import (
     DEMO,
     VARIANTS,
@@ -43,131 +41,13 @@ from fluxforge.config import (
 )
 from fluxforge.errors import CheckpointError
 from fluxforge.model.autoencoder import AutoEncoder
-from fluxforge.model.text import TextEncoder
+from fluxforge.model.text import LanguageConfig, TextEncoder
 from fluxforge.model.transformer import Flux2Transformer
+from fluxforge.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
 
 PathLike = str | Path
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise ValueError(
-            f"dtype must be a torch dtype or one of {', '.join(_DTYPES)}; got {dtype!r}"
-        ) from None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Safetensors files
-
-
-@dataclass(frozen=True)
-class _Entry:
-    file: Path
-    shape: tuple[int, ...]
-    dtype: str  # safetensors dtype name, e.g. "BF16"
-
-
-class Tensors(Mapping[str, _Entry]):
-    """The tensors of one checkpoint (a file, or shards): key -> file, shape, dtype from the headers."""
-
-    def __init__(self, entries: dict[str, _Entry], where: Path) -> None:
-        self._entries = entries
-        self.where = where
-
-    def __getitem__(self, key: str) -> _Entry:
-        return self._entries[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @classmethod
-    def from_file(cls, path: PathLike) -> Tensors:
-        path = Path(path)
-        return cls(_read_header(path), path)
-
-    @classmethod
-    def from_folder(cls, folder: PathLike, stem: str) -> Tensors:
-        """`{stem}.safetensors`, or the shards named by `{stem}.safetensors.index.json`."""
-        folder = Path(folder)
-        single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
-        if single.is_file():
-            return cls.from_file(single)
-        if not index.is_file():
-            found = sorted(p.name for p in folder.glob("*.safetensors*")) if folder.is_dir() else []
-            raise CheckpointError(
-                f"no weights in {folder}: expected {single.name} or {index.name}"
-                + (f" (found {', '.join(found)})" if found else ""),
-                path=str(folder),
-            )
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"unreadable shard index ({exc})", path=str(index)) from None
-        shards = sorted(set(weight_map.values()))
-        absent = [s for s in shards if not (folder / s).is_file()]
-        if absent:
-            raise CheckpointError(
-                f"{len(absent)} of {len(shards)} shards named by the index are missing: {', '.join(absent)}",
-                path=str(index),
-                missing=[k for k, s in weight_map.items() if s in absent],
-            )
-        entries: dict[str, _Entry] = {}
-        for shard in shards:
-            entries.update(_read_header(folder / shard))
-        listed_elsewhere = [k for k, s in weight_map.items() if k not in entries or entries[k].file.name != s]
-        if listed_elsewhere:
-            raise CheckpointError(
-                "the shard index names tensors that are not in the shard it points to",
-                path=str(index),
-                missing=listed_elsewhere,
-            )
-        return cls(entries, index)
-
-    def read(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """The named tensors one at a time, in the order asked, each file opened once: the caller can
-        convert and drop each before the next is read, so peak memory stays near the result's size."""
-        with ExitStack() as stack:
-            handles: dict[Path, Any] = {}
-            for key in keys:
-                file = self._entries[key].file
-                if file not in handles:
-                    handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-                yield key, handles[file].get_tensor(key)
-
-
-def _read_header(path: Path) -> dict[str, _Entry]:
-    if not path.is_file():
-        raise CheckpointError("file not found", path=str(path))
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            entries = {}
-            for key in f.keys():
-                view = f.get_slice(key)
-                entries[key] = _Entry(path, tuple(view.get_shape()), view.get_dtype())
-            return entries
-    except SafetensorError as exc:
-        raise CheckpointError(
-            f"not a readable safetensors file ({exc}); it may be truncated or still downloading",
-            path=str(path),
-        ) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -180,106 +60,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError("expected a JSON object", path=str(path))
     return data
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Strict loading of one module
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where one module tensor comes from in a checkpoint, and how it is reshaped on the way."""
-
-    key: str
-    part: tuple[int, int] | None = None  # (i, n): the i-th of n equal row blocks of a fused weight
-    swap_halves: bool = False  # exchange the two row halves: BFL (shift; scale) -> (scale; shift)
-    squeeze: bool = False  # 1x1 conv [C, C, 1, 1] -> Linear [C, C]
-
-    def shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
-        if self.part is not None:
-            stored = (stored[0] // self.part[1], *stored[1:])
-        return stored[:2] if self.squeeze else stored
-
-    def apply(self, t: torch.Tensor) -> torch.Tensor:
-        if self.part is not None:
-            t = t.chunk(self.part[1], dim=0)[self.part[0]]
-        if self.swap_halves:
-            a, b = t.chunk(2, dim=0)
-            t = torch.cat([b, a], dim=0)
-        return t.flatten(1) if self.squeeze else t
-
-
-Plan = dict[str, Source]  # module key -> source
-_OPTIONAL = ("num_batches_tracked",)  # BatchNorm's counter: absent from BFL files, rebuilt as 0
-
-
-def load_module(
-    build: Callable[[], nn.Module],
-    tensors: Tensors,
-    plan: Plan | None = None,
-    *,
-    ignore: Callable[[str], bool] = lambda key: False,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str = "cpu",
-    what: str,
-    variant: str | None = None,
-) -> nn.Module:
-    """Build a module on the meta device and fill it strictly from `tensors`.
-
-    `plan` maps module keys to their sources (identity when None). Checkpoint keys that no source uses
-    are errors unless `ignore(key)`. Floating tensors are cast to `dtype` (None: as stored)."""
-    with torch.device("meta"):
-        module = build()
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    plan = plan if plan is not None else {k: Source(k) for k in expected}
-    missing, mismatched = [], []
-    for key, shape in expected.items():
-        src = plan.get(key)
-        if src is None or src.key not in tensors:
-            if not key.endswith(_OPTIONAL):
-                missing.append(src.key if src else key)
-            continue
-        got = src.shape(tensors[src.key].shape)
-        if got != shape:
-            mismatched.append(f"{src.key}: file has {list(tensors[src.key].shape)}, expected {list(shape)}")
-    used = {src.key for src in plan.values()}
-    unexpected = sorted(k for k in tensors if k not in used and not ignore(k))
-    if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"the {what} weights do not fit the {what} of this model",
-            path=str(tensors.where),
-            variant=variant,
-            missing=missing,
-            unexpected=unexpected,
-            mismatched=mismatched,
-        )
-    consumers: dict[str, list[tuple[str, Source]]] = {}  # source key -> the module keys it fills
-    for key, src in plan.items():
-        if key in expected and src.key in tensors:
-            consumers.setdefault(src.key, []).append((key, src))
-    state = {}
-    for source_key, raw in tensors.read(sorted(consumers)):
-        for key, src in consumers[source_key]:
-            t = src.apply(raw)
-            # Always a fresh allocation: safetensors buffers are only 8-byte aligned, and BLAS kernels
-            # sum in a different order on unaligned memory (results then differ in the last bits).
-            cast = dtype if dtype is not None and t.is_floating_point() else None
-            state[key] = t.to(device=device, dtype=cast, copy=True)
-        del raw
-    for key in expected.keys() - state.keys():  # optional counters
-        state[key] = torch.zeros((), dtype=torch.long, device=device)
-    module.load_state_dict(state, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
-
-
-def stored_dtype(tensors: Tensors) -> torch.dtype:
-    """The floating dtype most of the checkpoint's tensors are stored in."""
-    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-    counts: dict[torch.dtype, int] = {}
-    for entry in tensors.values():
-        if entry.dtype in names:
-            counts[names[entry.dtype]] = counts.get(names[entry.dtype], 0) + 1
-    return max(counts, key=counts.__getitem__) if counts else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -351,18 +131,48 @@ def _resolve_variant(family: str, cfg: TransformerConfig, chosen: Variant | None
     return chosen
 
 
-def _fit_text_config(variant: Variant, hf_config: Any) -> TextEncoderConfig:
-    """The variant's text-encoder settings for the language model actually on disk. Official sizes use
-    the variant's layers; other sizes use the same relative depths (k/4 of the stack for k = 1, 2, 3, which
-    gives (9, 18, 27) for Qwen3's 36 layers and (10, 20, 30) for Mistral's 40)."""
-    text = getattr(hf_config, "text_config", hf_config)
-    hidden, layers = int(text.hidden_size), int(text.num_hidden_layers)
+# What diffusers' FLUX.2 pipelines read when their call does not say (text_encoder_out_layers=).
+DIFFUSERS_TEXT_LAYERS = MappingProxyType({"qwen3": (9, 18, 27), "mistral3": (10, 20, 30)})
+
+
+def _fit_text_config(
+    variant: Variant, lm: LanguageConfig, out_layers: Sequence[int] | None, where: Path
+) -> TextEncoderConfig:
+    """The variant's text-encoder settings for the language model actually on disk. `out_layers` given:
+    those. Otherwise the official encoders use the variant's layers, and any other depth diffusers' default
+    layers when the encoder is deep enough for them."""
     te = variant.text_encoder
-    if (hidden, layers) == (te.hidden_size, te.num_hidden_layers):
+
+    def sized(layers: tuple[int, ...]) -> TextEncoderConfig:
+        size = dict(kind=lm.kind, hidden_size=lm.hidden_size, num_hidden_layers=lm.num_hidden_layers)
+        return dataclasses.replace(te, **size, out_layers=layers)
+
+    if out_layers is not None:
+        layers = tuple(out_layers)
+        if (
+            not layers
+            or not all(isinstance(k, int) and not isinstance(k, bool) for k in layers)
+            or not all(1 <= k <= lm.num_hidden_layers for k in layers)
+        ):
+            raise ValueError(
+                f"text_encoder_out_layers={out_layers!r}: each must be a layer "
+                f"1..{lm.num_hidden_layers} of this {lm.kind} text encoder (hidden_states[k] is the output of "
+                "layer k)"
+            )
+        return sized(layers)
+    if (lm.kind, lm.hidden_size, lm.num_hidden_layers) == (te.kind, te.hidden_size, te.num_hidden_layers):
         return te
-    n = len(te.out_layers)
-    out_layers = tuple(sorted({max(1, round(layers * (i + 1) / (n + 1))) for i in range(n)}))
-    return dataclasses.replace(te, hidden_size=hidden, num_hidden_layers=layers, out_layers=out_layers)
+    default = DIFFUSERS_TEXT_LAYERS[lm.kind]
+    if max(default) > lm.num_hidden_layers:
+        raise CheckpointError(
+            f"the text encoder has {lm.num_hidden_layers} decoder layers, fewer than diffusers' default "
+            f"layers {default} need: say which hidden states the transformer was trained on with "
+            "text_encoder_out_layers=(...) (--text-layers in the CLI), as many layers as its text features "
+            f"are wide in multiples of {lm.hidden_size}",
+            path=str(where),
+            variant=variant.name,
+        )
+    return sized(default)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,7 +187,9 @@ class Components:
     transformer: Flux2Transformer
     vae: AutoEncoder | None = None
     text_encoder: TextEncoder | None = None
-    tokenizer: Any = None
+    tokenizer: ChatTokenizer | None = None
+    text_encoder_path: Path | None = None  # where the text encoder came from, to rebuild it for other layers
+    dtype: dtypes.DtypeChoice | None = None  # the dtype of each network, and why
 
 
 def load_transformer_folder(
@@ -483,23 +295,24 @@ def load_vae(path: PathLike, *, dtype=None, device="cpu", variant: str | None = 
     )
 
 
-def load_text_encoder(
-    folder: PathLike, variant: Variant, *, dtype=None, device="cpu"
-) -> tuple[TextEncoder, TextEncoderConfig]:
-    """A transformers folder (config.json + model*.safetensors): only the decoder layers whose hidden
-    states the variant uses are read; deeper layers, the LM head and any vision tower are skipped."""
-    folder = Path(folder)
+def _text_encoder_files(folder: Path) -> tuple[LanguageConfig, Tensors]:
+    config_path = folder / "config.json"
     try:
-        hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"not a transformers text-encoder folder ({exc})", path=str(folder)) from None
-    text_cfg = _fit_text_config(variant, hf_config)
-    tensors = Tensors.from_folder(folder, "model")
+        lm = LanguageConfig.from_dict(_read_json(config_path))
+    except ValueError as exc:
+        raise CheckpointError(f"not a FLUX.2 text encoder ({exc})", path=str(config_path)) from None
+    return lm, Tensors.from_folder(folder, "model")
+
+
+def _text_plan(
+    lm: LanguageConfig, text_cfg: TextEncoderConfig, tensors: Tensors, variant: Variant, where: Path
+):
+    """The module-key plan for the layers used, and which checkpoint keys are deliberately left unread."""
     try:
         with torch.device("meta"):
-            candidates = TextEncoder(hf_config, text_cfg.out_layers).checkpoint_keys()
+            candidates = TextEncoder(lm, text_cfg.out_layers).checkpoint_keys()
     except ValueError as exc:
-        raise CheckpointError(str(exc), path=str(folder), variant=variant.name) from None
+        raise CheckpointError(str(exc), path=str(where), variant=variant.name) from None
     plan = {k: Source(next((c for c in names if c in tensors), names[0])) for k, names in candidates.items()}
     depth = text_cfg.layers_to_load
 
@@ -510,8 +323,26 @@ def load_text_encoder(
             return int(m[1]) >= depth
         return bool(re.search(r"(^|\.)norm\.", key))  # the final norm, used only after the last layer
 
+    return plan, ignore
+
+
+def load_text_encoder(
+    folder: PathLike,
+    variant: Variant,
+    *,
+    out_layers: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[TextEncoder, TextEncoderConfig]:
+    """A transformers folder (config.json + model*.safetensors): only the decoder layers whose hidden
+    states are used are read; deeper layers, the LM head and any vision tower are skipped. `out_layers`
+    None: the variant's, or diffusers' default for an unofficial depth (`_fit_text_config`)."""
+    folder = Path(folder)
+    lm, tensors = _text_encoder_files(folder)
+    text_cfg = _fit_text_config(variant, lm, out_layers, folder)
+    plan, ignore = _text_plan(lm, text_cfg, tensors, variant, folder)
     encoder = load_module(
-        lambda: TextEncoder(hf_config, text_cfg.out_layers),
+        lambda: TextEncoder(lm, text_cfg.out_layers),
         tensors,
         plan,
         ignore=ignore,
@@ -520,22 +351,12 @@ def load_text_encoder(
         what="text encoder",
         variant=variant.name,
     )
-    return encoder.to(device), text_cfg  # .to moves the RoPE tables, which are not in the checkpoint
+    return encoder.to(device), text_cfg  # .to moves the RoPE table, which is not in the checkpoint
 
 
-def load_tokenizer(folder: PathLike, kind: str) -> Any:
-    """klein: the Qwen2 tokenizer; dev: the Pixtral processor (it carries the chat template)."""
-    try:
-        if kind == "mistral3":
-            return AutoProcessor.from_pretrained(folder, local_files_only=True)
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except ImportError as exc:  # transformers' PixtralProcessor needs torchvision
-        raise ImportError(
-            f"the dev tokenizer in {folder} is a Pixtral processor, which transformers builds only with "
-            f"torchvision installed (pip install torchvision). {exc}"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load the tokenizer ({exc})", path=str(folder)) from None
+def load_tokenizer(folder: PathLike) -> ChatTokenizer:
+    """The text encoder's tokenizer.json and chat template (klein: Qwen's; dev: the Pixtral processor's)."""
+    return ChatTokenizer.from_folder(folder)
 
 
 def load(
@@ -543,19 +364,28 @@ def load(
     vae: PathLike | None = None,
     text_encoder: PathLike | None = None,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | str | None = None,
+    dtype: dtypes.DtypeRule | Mapping[str, dtypes.DtypeRule] = "auto",
     variant: str | Variant | None = None,
+    text_encoder_out_layers: Sequence[int] | None = None,
 ) -> Components:
     """Load a FLUX.2 model and recognise which variant it is.
 
-    `path` is a diffusers-layout folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/)
-    or a BFL transformer file. `vae=` (BFL `ae.safetensors` or a diffusers `vae/` folder) and
-    `text_encoder=` (a transformers folder with its tokenizer) add or replace those components. `dtype`
-    None keeps each component's stored dtype. `variant` overrides detection (a registered name or a
-    `Variant`); detection reads model_index.json, the configs and the tensor shapes, and for BFL files
-    the file name ('base', 'kv'), since distilled and base weights have the same shapes."""
-    path = Path(path)
-    dtype = resolve_dtype(dtype)
+    `path` is a diffusers-layout folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/),
+    a BFL transformer file, or a hub repository id ("black-forest-labs/FLUX.2-klein-4B", see `fluxforge.hub`)
+    when no such local path exists. `vae=` (BFL `ae.safetensors` or a diffusers `vae/` folder) and
+    `text_encoder=` (a transformers folder with its tokenizer) add or replace those components.
+
+    `dtype`: "auto" (None too) keeps each network's stored dtype where the device computes it natively and
+    takes float32 where it does not (`fluxforge.dtypes`); "stored" keeps what the files hold; a dtype casts
+    everything to it; a mapping sets it per network ("transformer", "vae", "text_encoder").
+    `variant` overrides detection (a registered name or a `Variant`); detection reads model_index.json, the
+    configs and the tensor shapes, and for BFL files the file name ('base', 'kv'), since distilled and base
+    weights have the same shapes. `text_encoder_out_layers` chooses the text encoder's hidden states."""
+    from fluxforge import hub
+
+    path = hub.resolve(path)
+    device = torch.device(device)
+    rules = _dtype_rules(dtype)
     chosen = get_variant(variant) if isinstance(variant, str) else variant
     if path.is_dir():
         index_path = path / "model_index.json"
@@ -575,26 +405,44 @@ def load(
             )
         family = _family_of_model_index(_read_json(index_path), index_path)
         scheduler = _scheduler_config(path / "scheduler" / "scheduler_config.json")
-        model, found_variant = load_transformer_folder(
-            path / "transformer", family, dtype=dtype, device=device, variant=chosen
-        )
+        transformer_tensors = Tensors.from_folder(path / "transformer", "diffusion_pytorch_model")
         vae = vae if vae is not None else (path / "vae" if (path / "vae").is_dir() else None)
         if text_encoder is None and (path / "text_encoder").is_dir():
             text_encoder, tokenizer_folder = path / "text_encoder", path / "tokenizer"
         else:
             tokenizer_folder = text_encoder
     elif path.is_file():
-        model, found_variant = load_transformer_file(path, dtype=dtype, device=device, variant=chosen)
-        scheduler = None
+        family = scheduler = None
+        transformer_tensors = Tensors.from_file(path)
         tokenizer_folder = text_encoder
     else:
         raise CheckpointError("no such file or folder", path=str(path))
+    vae = Path(vae) if vae is not None else None
+    text_encoder = Path(text_encoder) if text_encoder is not None else None
 
+    # Every header first: the dtypes are chosen for the whole model (they must fit in memory together).
+    parts = {"transformer": transformer_tensors}
+    if vae is not None:
+        parts["vae"] = (
+            Tensors.from_folder(vae, "diffusion_pytorch_model") if vae.is_dir() else Tensors.from_file(vae)
+        )
+    if text_encoder is not None:
+        lm, parts["text_encoder"] = _text_encoder_files(text_encoder)
+    choice = _choose_dtypes(rules, parts, device)
+
+    if path.is_dir():
+        model, found_variant = load_transformer_folder(
+            path / "transformer", family, dtype=choice.dtypes["transformer"], device=device, variant=chosen
+        )
+    else:
+        model, found_variant = load_transformer_file(
+            path, dtype=choice.dtypes["transformer"], device=device, variant=chosen
+        )
     if scheduler is not None:
         found_variant = dataclasses.replace(found_variant, scheduler=scheduler)
-    components = Components(found_variant, model)
+    components = Components(found_variant, model, dtype=choice)
     if vae is not None:
-        components.vae = load_vae(vae, dtype=dtype, device=device, variant=found_variant.name)
+        components.vae = load_vae(vae, dtype=choice.dtypes["vae"], device=device, variant=found_variant.name)
         _agree(
             model.config.in_channels,
             components.vae.config.token_channels,
@@ -605,20 +453,62 @@ def load(
         )
         components.variant = dataclasses.replace(components.variant, vae=components.vae.config)
     if text_encoder is not None:
-        encoder, text_cfg = load_text_encoder(text_encoder, components.variant, dtype=dtype, device=device)
+        text_cfg = _fit_text_config(components.variant, lm, text_encoder_out_layers, text_encoder)
+        width, hidden = model.config.joint_attention_dim, text_cfg.hidden_size
+        hint = (
+            f"; pass text_encoder_out_layers= with {width // hidden} layers"
+            if width % hidden == 0 and text_encoder_out_layers is None
+            else ""
+        )
         _agree(
-            model.config.joint_attention_dim,
-            encoder.feature_dim,
+            width,
+            text_cfg.feature_dim,
             "transformer joint_attention_dim",
-            f"text features ({len(text_cfg.out_layers)} layers x {text_cfg.hidden_size})",
+            f"text features ({len(text_cfg.out_layers)} layers {text_cfg.out_layers} x {hidden})",
             text_encoder,
             found_variant,
+            hint,
         )
-        components.text_encoder = encoder
-        components.tokenizer = load_tokenizer(tokenizer_folder, text_cfg.kind)
+        encoder, text_cfg = load_text_encoder(
+            text_encoder,
+            components.variant,
+            out_layers=text_cfg.out_layers,
+            dtype=choice.dtypes["text_encoder"],
+            device=device,
+        )
+        components.text_encoder, components.text_encoder_path = encoder, text_encoder
+        components.tokenizer = load_tokenizer(tokenizer_folder)
         components.variant = dataclasses.replace(components.variant, text_encoder=text_cfg)
-    log.info("loaded %s from %s", components.variant.name, path)
+    log.info("loaded %s from %s in %s", components.variant.name, path, choice.summary())
     return components
+
+
+_NETWORKS = ("transformer", "vae", "text_encoder")
+
+
+def _dtype_rules(dtype: Any) -> dict[str, torch.dtype | str]:
+    if isinstance(dtype, Mapping):
+        unknown = sorted(set(dtype) - set(_NETWORKS))
+        if unknown:
+            raise ValueError(
+                f"dtype: unknown networks {unknown}; a dtype mapping takes {', '.join(_NETWORKS)}"
+            )
+        return {k: dtypes.resolve_dtype(dtype.get(k)) for k in _NETWORKS}
+    rule = dtypes.resolve_dtype(dtype)
+    return dict.fromkeys(_NETWORKS, rule)
+
+
+def _choose_dtypes(rules: dict, parts: dict[str, Tensors], device: torch.device) -> dtypes.DtypeChoice:
+    """One choice per distinct rule, each over the networks it covers."""
+    groups = {rule: [k for k in parts if rules[k] == rule] for rule in dict.fromkeys(rules[k] for k in parts)}
+    chosen, reasons = {}, []
+    for rule, names in groups.items():
+        stored = {k: stored_dtype(parts[k]) for k in names}
+        fp32 = sum(parts[k].nbytes(torch.float32) for k in names)
+        choice = dtypes.choose(rule, stored, fp32, device)
+        chosen.update(choice.dtypes)
+        reasons.append(choice.reason if len(groups) == 1 else f"{', '.join(names)} {choice.reason}")
+    return dtypes.DtypeChoice(chosen, "; ".join(reasons))
 
 
 def _scheduler_config(path: Path) -> SchedulerConfig | None:
@@ -631,10 +521,12 @@ def _scheduler_config(path: Path) -> SchedulerConfig | None:
         raise CheckpointError(str(exc), path=str(path)) from None
 
 
-def _agree(a: int, b: int, what_a: str, what_b: str, where: PathLike, variant: Variant) -> None:
+def _agree(
+    a: int, b: int, what_a: str, what_b: str, where: PathLike, variant: Variant, hint: str = ""
+) -> None:
     if a != b:
         raise CheckpointError(
-            f"these files do not belong together: {what_a} is {a} but {what_b} is {b}",
+            f"these files do not belong together: {what_a} is {a} but {what_b} is {b}{hint}",
             path=str(where),
             variant=variant.name,
         )

@@ -242,7 +242,7 @@ class AutoEncoder(nn.Module):
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else None
         self.bn = LatentStats(config.token_channels)
-        self.channels_last: bool | None = None  # None: channels-last in bf16 / fp16, diffusers' layout in fp32
+        self.channels_last: bool | None = None  # None: channels-last in bf16 / fp16 only
 
     @property
     def dtype(self) -> torch.dtype:

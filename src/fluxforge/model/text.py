@@ -2,29 +2,41 @@
 
 klein reads Qwen3 (`hidden_states` 9, 18, 27 of 36 layers); dev reads the language model of Mistral Small
 3.x (10, 20, 30 of 40), without its vision tower, projector or lm_head. `hidden_states[k]` is the output of
-decoder layer k, so only the first max(out_layers) layers are built, loaded and run. transformers applies the
-final RMSNorm to the last entry of `hidden_states` only, so the truncated model keeps that norm only when its
-deepest layer is also the checkpoint's last one (tiny test models); otherwise it is removed and never loaded.
+decoder layer k, so only the first max(out_layers) layers are built, loaded and run.
+
+The decoder stack is written here in plain torch, operation for operation as transformers 5 computes it
+(the tests compare against transformers at 0.0 in fp32), so that fluxforge never imports transformers:
+
+    x = embed(ids)                                   [B, L, Dm]
+    per layer:  h = rmsnorm(x)
+                q, k, v = h Wq, h Wk, h Wv            heads of Dh; Qwen3 RMS-normalises q and k per head
+                q, k = rope(q), rope(k)               rotate-half RoPE, theta from the config, fp32 tables
+                x = x + sdpa(q, k, v, causal & padding mask) Wo     (K/V heads repeated for GQA)
+                x = x + W2(silu(h' W1) * h' W3)       with h' = rmsnorm(x)
+    rmsnorm(x) = w * (x / sqrt(mean(x^2) + eps)) in fp32, cast back before the gain
+
+transformers applies the final RMSNorm to the last entry of `hidden_states` only, so the truncated model
+keeps that norm only when its deepest layer is also the checkpoint's last one (tiny test models).
 
 Per token the features are layer-major: [h_k1 | h_k2 | h_k3], each Dm wide, giving [B, L, len(out_layers)·Dm].
 Prompts are tokenized as diffusers' Flux2KleinPipeline (Qwen3 chat template, one prompt at a time) and
-Flux2Pipeline (Pixtral processor, system message, whole batch) do, padded to max_sequence_length; the padding
-tokens stay in the sequence and the DiT attends to them.
+Flux2Pipeline (the processor's template, system message, whole batch) do, padded to max_sequence_length; the
+padding tokens stay in the sequence and the DiT attends to them.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import MistralModel, PretrainedConfig, Qwen3Model
 
 from fluxforge.config import TextEncoderKind
+from fluxforge.tokenizer import ChatTokenizer, Tokens
 
 # dev's system prompt, byte for byte as BFL and diffusers send it (the newline after "object" is part of it).
 SYSTEM_MESSAGE = (
@@ -43,61 +55,261 @@ _CHECKPOINT_PREFIXES: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
 )
 
 
-def _language_config(config: PretrainedConfig) -> tuple[TextEncoderKind, PretrainedConfig]:
-    """The encoder kind and the config of the decoder-only language model inside `config`."""
-    model_type = getattr(config, "model_type", None)
-    if model_type == "qwen3":
-        return "qwen3", config
-    if model_type == "mistral3":
-        config = config.text_config
-        model_type = config.model_type
-    if model_type == "mistral":
-        return "mistral3", config
-    raise ValueError(
-        f"unsupported text encoder config with model_type {model_type!r}: expected a Qwen3 (klein) or "
-        "Mistral 3 / Mistral (dev) config"
-    )
+# ---------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    """The decoder-only language model of a text encoder, read from its config.json. Keys absent from the
+    file take transformers' defaults for that model type (`save_pretrained` writes only what differs)."""
+
+    kind: TextEncoderKind
+    vocab_size: int
+    hidden_size: int  # Dm
+    intermediate_size: int  # MLP hidden
+    num_hidden_layers: int  # in the full checkpoint
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int  # Dh
+    rms_norm_eps: float
+    rope_theta: float
+    attention_bias: bool  # Qwen3 may have q/k/v/o biases; Mistral never does
+    sliding_window: int | None  # Mistral's local attention; None for full attention
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.kind == "qwen3"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LanguageConfig:
+        model_type = data.get("model_type")
+        if model_type == "mistral3":
+            text = data.get("text_config")
+            if not isinstance(text, Mapping):
+                raise ValueError("a mistral3 config needs its text_config (the language model's settings)")
+            return cls._read("mistral3", text)
+        if model_type == "mistral":
+            return cls._read("mistral3", data)
+        if model_type == "qwen3":
+            return cls._read("qwen3", data)
+        raise ValueError(
+            f"unsupported text encoder config with model_type {model_type!r}: expected a Qwen3 (klein) or "
+            "Mistral 3 / Mistral (dev) config"
+        )
+
+    @classmethod
+    def _read(cls, kind: TextEncoderKind, d: Mapping[str, Any]) -> LanguageConfig:
+        defaults = _QWEN3_DEFAULTS if kind == "qwen3" else _MISTRAL_DEFAULTS
+        get = {**defaults, **{k: v for k, v in d.items() if v is not None or k == "sliding_window"}}.get
+        hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(
+                f"RoPE type {rope_type!r} is not supported (FLUX.2's text encoders use 'default')"
+            )
+        layers = int(get("num_hidden_layers"))
+        sliding = get("sliding_window")
+        if kind == "qwen3":  # Qwen3 slides only from max_window_layers on, and only with use_sliding_window
+            slides = get("use_sliding_window") and get("sliding_window") is not None
+            types = d.get("layer_types") or [
+                "sliding_attention" if slides and i >= get("max_window_layers") else "full_attention"
+                for i in range(layers)
+            ]
+            if "sliding_attention" in types:
+                raise ValueError("Qwen3 sliding-window attention layers are not supported")
+            sliding = None
+        return cls(
+            kind=kind,
+            vocab_size=int(get("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(get("intermediate_size")),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=int(get("num_key_value_heads") or heads),
+            head_dim=int(get("head_dim") or hidden // heads),
+            rms_norm_eps=float(get("rms_norm_eps")),
+            rope_theta=float(rope.get("rope_theta", get("rope_theta"))),
+            attention_bias=bool(get("attention_bias")) if kind == "qwen3" else False,
+            sliding_window=None if sliding is None else int(sliding),
+        )
+
+
+_QWEN3_DEFAULTS = dict(  # transformers' Qwen3Config
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=22016,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    head_dim=128,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    attention_bias=False,
+    use_sliding_window=False,
+    max_window_layers=28,
+    sliding_window=None,
+)
+_MISTRAL_DEFAULTS = dict(  # transformers' MistralConfig
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=None,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    sliding_window=4096,
+)
+
+
+def language_config(config: Any) -> LanguageConfig:
+    """A LanguageConfig from itself, a config.json dict, or a transformers config object (`to_dict()`)."""
+    if isinstance(config, LanguageConfig):
+        return config
+    if not isinstance(config, Mapping):
+        config = config.to_dict()
+    return LanguageConfig.from_dict(config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Network
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LanguageConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        bias = c.attention_bias
+        self.q_proj = nn.Linear(c.hidden_size, self.heads * c.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * c.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * c.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * c.head_dim, c.hidden_size, bias=bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, -1, self.head_dim)  # [B, L, H, Dh]
+        k = self.k_proj(x).view(b, n, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, L, Dh]
+        v = self.v_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        extra = {}
+        groups = self.heads // self.kv_heads
+        if groups > 1:
+            # transformers lets SDPA broadcast the K/V heads only without a mask; with one, it repeats them
+            # (the two are different kernels, so the same choice is made here).
+            if mask is None and self.head_dim <= 256:
+                extra["enable_gqa"] = True
+            else:
+                k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=0.0,
+            scale=self.head_dim**-0.5,
+            is_causal=mask is None and n > 1,
+            **extra,
+        )
+        out = out.transpose(1, 2).contiguous().reshape(b, n, -1).contiguous()
+        return self.o_proj(out)
+
+
+def _repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """[B, Hkv, L, Dh] -> [B, Hkv * groups, L, Dh], each K/V head repeated for its group of query heads."""
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: LanguageConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: LanguageConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class TextEncoder(nn.Module):
     """The first max(out_layers) decoder layers of a Qwen3 or Mistral language model.
 
-    Built from the *full* checkpoint's transformers config, on any device including meta; load it with
-    `load_state_dict(tensors, assign=True, strict=True)`, reading each key from the first name in
-    `checkpoint_keys()` that the checkpoint has. Cast tensors before loading rather than calling `.to(dtype)`
-    afterwards: that would also round the RoPE frequencies, which transformers keeps in float32.
+    Built from the *full* checkpoint's config (a `LanguageConfig`, its config.json as a dict, or a
+    transformers config), on any device including meta; load it with `load_state_dict(tensors,
+    assign=True, strict=True)`, reading each key from the first name in `checkpoint_keys()` that the
+    checkpoint has. Cast tensors before loading rather than calling `.to(dtype)` afterwards: that would
+    also round the RoPE frequencies, which stay in float32 as in transformers.
     """
 
-    def __init__(self, config: PretrainedConfig, out_layers: Sequence[int]) -> None:
+    def __init__(self, config: Any, out_layers: Sequence[int]) -> None:
         super().__init__()
-        kind, full = _language_config(config)
+        c = language_config(config)
         out_layers = tuple(out_layers)
-        num_layers = full.num_hidden_layers
         if not out_layers:
             raise ValueError("out_layers must not be empty")
-        if not all(1 <= k <= num_layers for k in out_layers):
+        if not all(1 <= k <= c.num_hidden_layers for k in out_layers):
             raise ValueError(
-                f"out_layers {out_layers} must lie in 1..{num_layers}: the {kind} checkpoint has "
-                f"{num_layers} decoder layers and hidden_states[k] is the output of layer k"
+                f"out_layers {out_layers} must lie in 1..{c.num_hidden_layers}: the {c.kind} checkpoint has "
+                f"{c.num_hidden_layers} decoder layers and hidden_states[k] is the output of layer k"
             )
-        self.kind: TextEncoderKind = kind
+        self.config = c
+        self.kind: TextEncoderKind = c.kind
         self.out_layers = out_layers
-        self.hidden_size: int = full.hidden_size
-
+        self.hidden_size = c.hidden_size
         depth = max(out_layers)
-        truncated = copy.deepcopy(full)
-        truncated.num_hidden_layers = depth
-        if getattr(truncated, "layer_types", None) is not None:
-            truncated.layer_types = truncated.layer_types[:depth]
-        self.lm: Qwen3Model | MistralModel = (Qwen3Model if kind == "qwen3" else MistralModel)(truncated)
-        if depth < num_layers:
-            # The full model's hidden_states[depth] is the raw output of layer `depth`; only the last entry,
-            # which here would be ours, gets the final norm.
-            self.lm.norm = nn.Identity()
-        # The RoPE frequencies are non-persistent buffers that load_state_dict never fills, so they must be
-        # real even when the rest of the model is built on the meta device.
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(depth))
+        # The full model's hidden_states[depth] is the raw output of layer `depth`; only the last entry gets
+        # the final norm, so it exists here only when that entry is one of ours.
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps) if depth == c.num_hidden_layers else None
+        # A non-persistent buffer that load_state_dict never fills: real even when built on meta.
         with torch.device("cpu"):
-            self.lm.rotary_emb = type(self.lm.rotary_emb)(truncated)
+            dims = torch.arange(0, c.head_dim, 2, dtype=torch.float)
+            inv_freq = 1.0 / (c.rope_theta ** (dims / c.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property
     def feature_dim(self) -> int:
@@ -106,23 +318,46 @@ class TextEncoder(nn.Module):
     def checkpoint_keys(self) -> dict[str, tuple[str, ...]]:
         """Each state_dict key of this module -> the checkpoint names it may be stored as, preferred first."""
         prefixes = _CHECKPOINT_PREFIXES[self.kind]
-        return {
-            key: tuple(prefix + key.removeprefix("lm.") for prefix in prefixes) for key in self.state_dict()
-        }
+        return {key: tuple(prefix + key for prefix in prefixes) for key in self.state_dict()}
+
+    def _mask(self, attention_mask: Tensor, n: int) -> Tensor | None:
+        """[B, 1, L, L] bool (True = attend): causal, padding keys masked; None when SDPA's own causal mask
+        is the same (no padding), which transformers then uses."""
+        padding = attention_mask.to(torch.bool)
+        window = self.config.sliding_window
+        local = window is not None and n >= window
+        if not local and padding.sum() == padding.numel():
+            return None
+        q = torch.arange(n, device=padding.device)[:, None]
+        kv = torch.arange(n, device=padding.device)[None, :]
+        allowed = kv <= q
+        if window is not None:
+            allowed = allowed & (kv > q - window)
+        return allowed[None, None] & padding[:, None, None, :]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """[B, L] token ids and mask -> [B, L, len(out_layers) * Dm] in the weights' dtype."""
-        out = self.lm(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True
-        )
-        hidden = torch.stack([out.hidden_states[k] for k in self.out_layers], dim=2)  # [B, L, n, Dm]
-        return hidden.flatten(2)
+        n = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)
+        positions = torch.arange(n, device=x.device)[None]  # [1, L]
+        freqs = positions[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)  # [1, L, Dh]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        mask = self._mask(attention_mask.to(x.device), n)
+        wanted, hidden = set(self.out_layers), {}
+        for i, layer in enumerate(self.layers, start=1):
+            x = layer(x, cos, sin, mask)
+            if i in wanted:
+                hidden[i] = x
+        if self.norm is not None:
+            hidden[len(self.layers)] = self.norm(x)
+        return torch.stack([hidden[k] for k in self.out_layers], dim=2).flatten(
+            2
+        )  # [B, L, n, Dm] -> [B, L, n*Dm]
 
 
-@dataclass(frozen=True)
-class Tokens:
-    input_ids: Tensor  # [B, L] int64, L = max_sequence_length
-    attention_mask: Tensor  # [B, L], 1 for prompt tokens, 0 for padding
+# ---------------------------------------------------------------------------------------------------------
+# Prompts
 
 
 @dataclass(frozen=True)
@@ -131,26 +366,20 @@ class TextEmbeddings:
     ids: Tensor  # [L, 4] int64 position ids (T, H, W, L) = (0, 0, 0, l); only the sequence axis varies
 
 
-def tokenize_qwen3(tokenizer: Any, prompts: Sequence[str], max_sequence_length: int) -> Tokens:
+def tokenize_qwen3(tokenizer: ChatTokenizer, prompts: Sequence[str], max_sequence_length: int) -> Tokens:
     """klein: each prompt as a lone user turn of the Qwen3 chat template, thinking switched off."""
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=False,
-        )
-        for prompt in prompts
-    ]
-    # One call pads and truncates every text on its own, exactly like diffusers' per-prompt calls.
-    batch = tokenizer(
-        texts, return_tensors="pt", padding="max_length", truncation=True, max_length=max_sequence_length
+    texts = tokenizer.render(
+        [[{"role": "user", "content": prompt}] for prompt in prompts],
+        add_generation_prompt=True,
+        enable_thinking=False,
     )
-    return Tokens(batch["input_ids"], batch["attention_mask"])
+    # One call pads and truncates every text on its own, exactly like diffusers' per-prompt calls.
+    return tokenizer.encode(texts, max_sequence_length)
 
 
-def tokenize_mistral3(processor: Any, prompts: Sequence[str], max_sequence_length: int) -> Tokens:
-    """dev: system message plus one user turn per prompt, through the Pixtral processor's chat template."""
+def tokenize_mistral3(tokenizer: ChatTokenizer, prompts: Sequence[str], max_sequence_length: int) -> Tokens:
+    """dev: system message plus one user turn per prompt, through the processor's chat template, the whole
+    batch at once; special tokens are added only when the rendered text does not start with BOS."""
     # "[IMG]" in a prompt would become an image placeholder that the processor validates against images.
     conversations = [
         [
@@ -159,17 +388,10 @@ def tokenize_mistral3(processor: Any, prompts: Sequence[str], max_sequence_lengt
         ]
         for prompt in prompts
     ]
-    batch = processor.apply_chat_template(
-        conversations,
-        add_generation_prompt=False,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        padding="max_length",
-        truncation=True,
-        max_length=max_sequence_length,
-    )
-    return Tokens(batch["input_ids"], batch["attention_mask"])
+    texts = tokenizer.render(conversations, add_generation_prompt=False)
+    bos = tokenizer.special_tokens.get("bos_token")
+    starts_with_bos = bos is not None and texts[0].startswith(bos)
+    return tokenizer.encode(texts, max_sequence_length, add_special_tokens=not starts_with_bos)
 
 
 def text_ids(length: int) -> Tensor:
@@ -182,7 +404,7 @@ def text_ids(length: int) -> Tensor:
 @torch.no_grad()
 def encode_prompts(
     encoder: TextEncoder,
-    tokenizer: Any,
+    tokenizer: ChatTokenizer,
     prompts: str | Sequence[str],
     max_sequence_length: int = 512,
     dtype: torch.dtype | None = None,
@@ -190,14 +412,13 @@ def encode_prompts(
 ) -> TextEmbeddings:
     """Prompts -> DiT text tokens as diffusers' `encode_prompt` gives them.
 
-    `tokenizer` is the Qwen2 tokenizer for klein and the Pixtral processor (`AutoProcessor`) for dev.
     `dtype` defaults to the encoder's. Each prompt is repeated `num_images_per_prompt` times in place
     (p0, p0, ..., p1, p1, ...). The result stays on the encoder's device.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     tokenize = tokenize_qwen3 if encoder.kind == "qwen3" else tokenize_mistral3
     tokens = tokenize(tokenizer, prompts, max_sequence_length)
-    weight = encoder.lm.embed_tokens.weight
+    weight = encoder.embed_tokens.weight
     embeds = encoder(tokens.input_ids.to(weight.device), tokens.attention_mask.to(weight.device))
     embeds = embeds.to(dtype or weight.dtype).repeat_interleave(num_images_per_prompt, dim=0)
     return TextEmbeddings(embeds, text_ids(embeds.shape[1]).to(weight.device))

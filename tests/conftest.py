@@ -1,0 +1,47 @@
+"""Helpers shared by the test files: the tiny klein checkpoint's parts, and how latents are compared.
+
+The tiny Qwen3 has 28 decoder layers, so that diffusers' default text layers (9, 18, 27) exist in it and
+fluxforge picks the same ones by itself for an encoder of unofficial size (no text_encoder_out_layers needed).
+"""
+
+from __future__ import annotations
+
+import PIL.Image
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from tiny import TINY_DIT, tiny_diffusers_transformer, tiny_diffusers_vae
+from tiny_text import qwen3_tokenizer, randomize_, tiny_qwen3_config
+from transformers import Qwen3ForCausalLM
+
+TOL = 1e-5  # fp32 parity: the largest absolute difference allowed in latents
+TEXT_DEPTH = 28  # decoder layers of the tiny Qwen3
+LAYERS = (9, 18, 27)  # diffusers' default text layers, which fluxforge picks for this depth
+KLEIN_DIT = {**TINY_DIT, "joint_attention_dim": 3 * 16, "guidance_embeds": False}  # 3 layers x hidden 16
+
+
+def parts() -> dict:
+    """Fresh components of a tiny klein (the same weights every call), for diffusers' pipelines."""
+    torch.manual_seed(0)
+    return dict(
+        transformer=tiny_diffusers_transformer(**KLEIN_DIT),
+        vae=tiny_diffusers_vae(),
+        text_encoder=randomize_(Qwen3ForCausalLM(tiny_qwen3_config(TEXT_DEPTH))),
+        tokenizer=qwen3_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> None:
+    """Same shape, and no element further apart than `tol` (absolute)."""
+    assert a.shape == b.shape
+    assert (a - b).abs().max().item() <= tol
+
+
+def gens(seed: int, n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + b) for b in range(n)]
+
+
+def picture(width: int, height: int, seed: int) -> PIL.Image.Image:
+    gen = torch.Generator().manual_seed(seed)
+    data = (torch.rand(height, width, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    return PIL.Image.fromarray(data)
