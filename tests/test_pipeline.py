@@ -322,9 +322,13 @@ def test_every_input_follows_the_model_to_its_device(cls, tmp_path):
             assert got.info["mode"] == mode and got.latents.device.type == "meta", mode
 
 
-def test_to_casts_every_network(klein):
-    _, ours = klein
-    folder_pipe = ff.Pipeline(ours.components)
-    assert folder_pipe.to(dtype="float32") is folder_pipe
-    for module in (folder_pipe.transformer, folder_pipe.vae, folder_pipe.components.text_encoder):
-        assert next(module.parameters()).dtype == torch.float32
+def test_to_casts_every_network(tmp_path):
+    """A pipeline of its own (the module fixture is shared): to() casts and moves every network."""
+    Flux2KleinPipeline(**parts(), is_distilled=True).save_pretrained(tmp_path)
+    pipe = ff.Pipeline.from_pretrained(tmp_path)
+    assert pipe.to(dtype="bfloat16") is pipe
+    for module in (pipe.transformer, pipe.vae, pipe.components.text_encoder):
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    assert pipe.to(dtype=torch.float32).transformer.dtype == torch.float32
+    with pytest.raises(ValueError, match="takes a dtype, got 'auto'"):
+        pipe.to(dtype="auto")

@@ -13,15 +13,16 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
-
-import torch
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from fluxforge.demo import DEMO_NOTICE, DEMO_PATH
 from fluxforge.errors import CheckpointError
-from fluxforge.pipeline import Pipeline
-from fluxforge.sampling import StepInfo
-from fluxforge.weights import Components, load
+
+if TYPE_CHECKING:  # torch and the models are imported by the commands that use them, so --help is instant
+    import torch
+
+    from fluxforge.sampling import StepInfo
+    from fluxforge.weights import Components
 
 PROG = "fluxforge"
 _BAR_WIDTH = 30
@@ -45,7 +46,9 @@ def resolve_model(args: argparse.Namespace) -> str:
     if args.model is not None:
         return args.model
     given = [
-        f"--{name.replace('_', '-')}" for name in ("vae", "text_encoder", "variant") if getattr(args, name)
+        f"--{name.replace('_', '-')}"
+        for name in ("vae", "text_encoder", "variant", "text_layers")
+        if getattr(args, name)
     ]
     if given:
         raise UsageError(
@@ -83,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    pipe = Pipeline.from_pretrained(**_model_arguments(args), device=args.device, dtype=args.dtype)
+    from fluxforge.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(**_model_arguments(args), device=args.device or "cpu", dtype=args.dtype)
     result = pipe.generate(
         args.prompt,
         references=args.reference,
@@ -101,7 +106,8 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     info = result.info
     print(
-        f"{info['variant']}, {info['mode']}, {info['width']}x{info['height']}, {info['steps']} steps",
+        f"{info['variant']}, {info['mode']}, {info['width']}x{info['height']}, {info['steps']} steps, "
+        f"{info['dtype']}",
         file=sys.stderr,
     )
     default_name = f"{PROG}-{result.seeds[0]}.png"
@@ -114,8 +120,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from fluxforge.weights import load
+
     model = _model_arguments(args)
-    components = load(**model)
+    components = load(**model, dtype=args.dtype)
     print(describe(components, [Path(model[k]) for k in ("path", "vae", "text_encoder") if model[k]]))
     return 0
 
@@ -135,6 +143,7 @@ def describe(components: Components, paths: Sequence[Path]) -> str:
         f"defaults     {d.steps} steps, {guidance}, up to {d.max_sequence_length} text tokens",
         f"text layers  hidden states {', '.join(map(str, text.out_layers))} of {text.num_hidden_layers}"
         f" ({text.kind})",
+        f"dtype        {components.dtype.summary() if components.dtype else 'as loaded'}",
         "",
         f"{'network':<36}{'parameters':>14}  dtype",
     ]
@@ -202,12 +211,8 @@ def _parser() -> _Parser:
     )
     _model_options(gen)
     gen.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: as stored in the files)"
-    )
-    gen.add_argument(
         "--device",
         type=_device,
-        default="cpu",
         help="where the networks run: cpu (default), cuda, cuda:1, mps",
     )
     gen.add_argument(
@@ -261,6 +266,19 @@ def _parser() -> _Parser:
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16", "stored"),
+        default="auto",
+        help="compute dtype; auto (default): as stored where this device computes it natively, else float32",
+    )
+    parser.add_argument(
+        "--text-layers",
+        type=_layers,
+        metavar="K,K,K",
+        help="the text encoder's hidden states to read (default: the model's; diffusers' 9,18,27 or 10,20,30 "
+        "for other sizes)",
+    )
     parser.add_argument("--vae", metavar="PATH", help="the autoencoder, for a BFL transformer file")
     parser.add_argument("--text-encoder", metavar="PATH", help="a transformers folder with its tokenizer")
     parser.add_argument(
@@ -269,7 +287,25 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(path=resolve_model(args), vae=args.vae, text_encoder=args.text_encoder, variant=args.variant)
+    return dict(
+        path=resolve_model(args),
+        vae=args.vae,
+        text_encoder=args.text_encoder,
+        variant=args.variant,
+        text_encoder_out_layers=args.text_layers,
+    )
+
+
+def _layers(value: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(k) for k in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: give layer numbers separated by commas, e.g. 9,18,27"
+        ) from None
+    if not layers or min(layers) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: layers are numbered from 1")
+    return layers
 
 
 def _image_file(value: str) -> str:
@@ -280,6 +316,8 @@ def _image_file(value: str) -> str:
 
 
 def _device(value: str) -> torch.device:
+    import torch
+
     try:
         device = torch.device(value)
     except RuntimeError:

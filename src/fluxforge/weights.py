@@ -155,9 +155,8 @@ def _fit_text_config(
             or not all(1 <= k <= lm.num_hidden_layers for k in layers)
         ):
             raise ValueError(
-                f"text_encoder_out_layers={out_layers!r}: each must be a layer "
-                f"1..{lm.num_hidden_layers} of this {lm.kind} text encoder (hidden_states[k] is the output of "
-                "layer k)"
+                f"text_encoder_out_layers={out_layers!r}: each must be a layer 1..{lm.num_hidden_layers} "
+                f"of this {lm.kind} text encoder (hidden_states[k] is the output of layer k)"
             )
         return sized(layers)
     if (lm.kind, lm.hidden_size, lm.num_hidden_layers) == (te.kind, te.hidden_size, te.num_hidden_layers):
