@@ -300,7 +300,11 @@ class TextEncoder(nn.Module):
         self.out_layers = out_layers
         self.hidden_size = c.hidden_size
         depth = max(out_layers)
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        # Given an empty table, nn.Embedding skips its random init: every weight comes from the checkpoint, and
+        # normal_ on the meta device would import torch's compiler stack (1.4 s).
+        self.embed_tokens = nn.Embedding(
+            c.vocab_size, c.hidden_size, _weight=torch.empty(c.vocab_size, c.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(depth))
         # The full model's hidden_states[depth] is the raw output of layer `depth`; only the last entry gets
         # the final norm, so it exists here only when that entry is one of ours.
