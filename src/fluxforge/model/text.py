@@ -300,7 +300,7 @@ class TextEncoder(nn.Module):
         self.out_layers = out_layers
         self.hidden_size = c.hidden_size
         depth = max(out_layers)
-        # Given an empty table, nn.Embedding skips its random init: every weight comes from the checkpoint, and
+        # Given an empty table, nn.Embedding skips its random init (every weight comes from the checkpoint):
         # normal_ on the meta device would import torch's compiler stack (1.4 s).
         self.embed_tokens = nn.Embedding(
             c.vocab_size, c.hidden_size, _weight=torch.empty(c.vocab_size, c.hidden_size)
