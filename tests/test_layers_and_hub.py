@@ -41,26 +41,10 @@ def test_layers_at_load_time_match_diffusers(shallow):
     theirs, folder = shallow
     ours = ff.Pipeline.from_pretrained(folder, text_encoder_out_layers=(1, 2, 3))
     assert ours.variant.text_encoder.out_layers == (1, 2, 3)
-    expected = theirs(
-        prompt="a fox",
-        height=32,
-        width=32,
-        num_inference_steps=2,
-        generator=gens(3, 1)[0],
-        output_type="latent",
-        text_encoder_out_layers=(1, 2, 3),
-        **COMMON,
-    ).images
-    got = compat.Flux2KleinPipeline(ours)(
-        prompt="a fox",
-        height=32,
-        width=32,
-        num_inference_steps=2,
-        generator=gens(3, 1)[0],
-        output_type="latent",
-        text_encoder_out_layers=(1, 2, 3),
-        **COMMON,
-    ).images
+    call = dict(prompt="a fox", height=32, width=32, num_inference_steps=2, output_type="latent", **COMMON)
+    call["text_encoder_out_layers"] = (1, 2, 3)
+    expected = theirs(**call, generator=gens(3, 1)[0]).images
+    got = compat.Flux2KleinPipeline(ours)(**call, generator=gens(3, 1)[0]).images
     assert_close(got, expected)
 
 

@@ -225,43 +225,13 @@ class _Facade:
         """A call's arguments (`locals()` of `__call__`), the ones every facade shares checked before any
         work is done."""
         call = {k: v for k, v in call.items() if k != "self"}
-        self._check(
-            call["kwargs"],
-            output_type=call["output_type"],
-            attention_kwargs=call["attention_kwargs"],
-            callback=call["callback_on_step_end"],
-            callback_inputs=call["callback_on_step_end_tensor_inputs"],
-            text_encoder_out_layers=call["text_encoder_out_layers"],
-        )
-        return call
-
-    def _request(self, call: dict[str, Any], **mode: Any) -> GenerationRequest:
-        """The one request of a call: the arguments every facade shares, and those of its mode."""
-        return GenerationRequest(
-            prompt=call["prompt"],
-            steps=call["num_inference_steps"],
-            num_images=call["num_images_per_prompt"],
-            max_sequence_length=call["max_sequence_length"],
-            prompt_embeds=call["prompt_embeds"],
-            noise=call["latents"],
-            generator=call["generator"],
-            sigmas=call["sigmas"],
-            decode=call["output_type"] != "latent",
-            **mode,
-        )
-
-    def _check(
-        self,
-        unknown: dict[str, Any],
-        *,
-        output_type: str,
-        attention_kwargs: dict[str, Any] | None,
-        callback: StepCallback | None,
-        callback_inputs: Sequence[str],
-        text_encoder_out_layers: Sequence[int],
-    ) -> None:
         name = type(self).__name__
-        _reject(unknown, inspect.signature(type(self).__call__).parameters, self.hints, f"{name}.__call__")
+        _reject(
+            call["kwargs"], inspect.signature(type(self).__call__).parameters, self.hints, f"{name}.__call__"
+        )
+        attention_kwargs, output_type = call["attention_kwargs"], call["output_type"]
+        callback = call["callback_on_step_end"]
+        callback_inputs = call["callback_on_step_end_tensor_inputs"]
         if attention_kwargs:
             raise NotImplementedError(
                 f"attention_kwargs={attention_kwargs!r}: fluxforge has no attention processors or LoRA "
@@ -284,7 +254,23 @@ class _Facade:
                 "callback_on_step_end_tensor_inputs: fluxforge.compat hands callbacks only 'latents'; "
                 "leave 'prompt_embeds' out"
             )
-        self._use_text_layers(tuple(text_encoder_out_layers))
+        self._use_text_layers(tuple(call["text_encoder_out_layers"]))
+        return call
+
+    def _request(self, call: dict[str, Any], **mode: Any) -> GenerationRequest:
+        """The one request of a call: the arguments every facade shares, and those of its mode."""
+        return GenerationRequest(
+            prompt=call["prompt"],
+            steps=call["num_inference_steps"],
+            num_images=call["num_images_per_prompt"],
+            max_sequence_length=call["max_sequence_length"],
+            prompt_embeds=call["prompt_embeds"],
+            noise=call["latents"],
+            generator=call["generator"],
+            sigmas=call["sigmas"],
+            decode=call["output_type"] != "latent",
+            **mode,
+        )
 
     def _use_text_layers(self, layers: tuple[int, ...]) -> None:
         """diffusers reads any hidden states at call time; fluxforge builds only the layers it reads, so other

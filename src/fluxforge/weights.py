@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fluxforge import bfl, dtypes
+from fluxforge import bfl, dtypes, hub
 from fluxforge.checkpoint import Source, Tensors, load_module, stored_dtype
 from fluxforge.config import (
     DEMO,
@@ -192,8 +192,15 @@ class Components:
 
 
 def load_transformer_folder(
-    folder: PathLike, family: str | None, *, dtype=None, device="cpu", variant: Variant | None = None
+    folder: PathLike,
+    family: str | None,
+    *,
+    dtype=None,
+    device="cpu",
+    variant: Variant | None = None,
+    tensors: Tensors | None = None,
 ) -> tuple[Flux2Transformer, Variant]:
+    """A diffusers `transformer/` folder; `tensors`: its headers, when the caller has read them."""
     folder = Path(folder)
     config = _read_json(folder / "config.json")
     cls = config.get("_class_name")
@@ -209,7 +216,7 @@ def load_transformer_folder(
         raise CheckpointError(str(exc), path=str(folder / "config.json")) from None
     family = family or ("flux.2-dev" if cfg.guidance_embeds else "flux.2-klein")
     variant = _resolve_variant(family, cfg, variant, folder)
-    tensors = Tensors.from_folder(folder, "diffusion_pytorch_model")
+    tensors = Tensors.from_folder(folder, "diffusion_pytorch_model") if tensors is None else tensors
     model = load_module(
         lambda: Flux2Transformer(cfg),
         tensors,
@@ -222,10 +229,16 @@ def load_transformer_folder(
 
 
 def load_transformer_file(
-    path: PathLike, *, dtype=None, device="cpu", variant: Variant | None = None
+    path: PathLike,
+    *,
+    dtype=None,
+    device="cpu",
+    variant: Variant | None = None,
+    tensors: Tensors | None = None,
 ) -> tuple[Flux2Transformer, Variant]:
+    """A BFL transformer file; `tensors`: its headers, when the caller has read them."""
     path = Path(path)
-    tensors = Tensors.from_file(path)
+    tensors = Tensors.from_file(path) if tensors is None else tensors
     prefix = bfl.transformer_prefix(tensors)
     if prefix is None:
         flux1 = bfl.looks_like_flux1(tensors)
@@ -250,9 +263,12 @@ def load_transformer_file(
     return model, variant
 
 
-def load_vae(path: PathLike, *, dtype=None, device="cpu", variant: str | None = None) -> AutoEncoder:
-    """A diffusers `vae/` folder, or BFL's `ae.safetensors`."""
+def load_vae(
+    path: PathLike, *, dtype=None, device="cpu", variant: str | None = None, tensors: Tensors | None = None
+) -> AutoEncoder:
+    """A diffusers `vae/` folder, or BFL's `ae.safetensors`; `tensors`: its headers, if already read."""
     path = Path(path)
+    tensors = _vae_tensors(path) if tensors is None else tensors
     if path.is_dir():
         config_path = path / "config.json"
         config = _read_json(config_path)
@@ -266,10 +282,8 @@ def load_vae(path: PathLike, *, dtype=None, device="cpu", variant: str | None = 
             cfg = AutoencoderConfig.from_dict(config)
         except ValueError as exc:
             raise CheckpointError(str(exc), path=str(config_path)) from None
-        tensors = Tensors.from_folder(path, "diffusion_pytorch_model")
         plan = None
     else:
-        tensors = Tensors.from_file(path)
         if "bn.running_mean" not in tensors or "encoder.conv_in.weight" not in tensors:
             raise CheckpointError(
                 "not a FLUX.2 autoencoder: expected the encoder.* and bn.running_mean keys of BFL's "
@@ -292,6 +306,10 @@ def load_vae(path: PathLike, *, dtype=None, device="cpu", variant: str | None = 
         what="autoencoder",
         variant=variant,
     )
+
+
+def _vae_tensors(path: Path) -> Tensors:
+    return Tensors.from_folder(path, "diffusion_pytorch_model") if path.is_dir() else Tensors.from_file(path)
 
 
 def _text_encoder_files(folder: Path) -> tuple[LanguageConfig, Tensors]:
@@ -332,12 +350,14 @@ def load_text_encoder(
     out_layers: Sequence[int] | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    files: tuple[LanguageConfig, Tensors] | None = None,
 ) -> tuple[TextEncoder, TextEncoderConfig]:
     """A transformers folder (config.json + model*.safetensors): only the decoder layers whose hidden
     states are used are read; deeper layers, the LM head and any vision tower are skipped. `out_layers`
-    None: the variant's, or diffusers' default for an unofficial depth (`_fit_text_config`)."""
+    None: the variant's, or diffusers' default for an unofficial depth (`_fit_text_config`). `files`: the
+    config and headers, when the caller has read them."""
     folder = Path(folder)
-    lm, tensors = _text_encoder_files(folder)
+    lm, tensors = _text_encoder_files(folder) if files is None else files
     text_cfg = _fit_text_config(variant, lm, out_layers, folder)
     plan, ignore = _text_plan(lm, text_cfg, tensors, variant, folder)
     encoder = load_module(
@@ -380,8 +400,6 @@ def load(
     `variant` overrides detection (a registered name or a `Variant`); detection reads model_index.json, the
     configs and the tensor shapes, and for BFL files the file name ('base', 'kv'), since distilled and base
     weights have the same shapes. `text_encoder_out_layers` chooses the text encoder's hidden states."""
-    from fluxforge import hub
-
     path = hub.resolve(path)
     device = torch.device(device)
     rules = _dtype_rules(dtype)
@@ -422,26 +440,35 @@ def load(
     # Every header first: the dtypes are chosen for the whole model (they must fit in memory together).
     parts = {"transformer": transformer_tensors}
     if vae is not None:
-        parts["vae"] = (
-            Tensors.from_folder(vae, "diffusion_pytorch_model") if vae.is_dir() else Tensors.from_file(vae)
-        )
+        parts["vae"] = _vae_tensors(vae)
     if text_encoder is not None:
         lm, parts["text_encoder"] = _text_encoder_files(text_encoder)
     choice = _choose_dtypes(rules, parts, device)
 
     if path.is_dir():
         model, found_variant = load_transformer_folder(
-            path / "transformer", family, dtype=choice.dtypes["transformer"], device=device, variant=chosen
+            path / "transformer",
+            family,
+            dtype=choice.dtypes["transformer"],
+            device=device,
+            variant=chosen,
+            tensors=parts["transformer"],
         )
     else:
         model, found_variant = load_transformer_file(
-            path, dtype=choice.dtypes["transformer"], device=device, variant=chosen
+            path,
+            dtype=choice.dtypes["transformer"],
+            device=device,
+            variant=chosen,
+            tensors=parts["transformer"],
         )
     if scheduler is not None:
         found_variant = dataclasses.replace(found_variant, scheduler=scheduler)
     components = Components(found_variant, model, dtype=choice)
     if vae is not None:
-        components.vae = load_vae(vae, dtype=choice.dtypes["vae"], device=device, variant=found_variant.name)
+        components.vae = load_vae(
+            vae, dtype=choice.dtypes["vae"], device=device, variant=found_variant.name, tensors=parts["vae"]
+        )
         _agree(
             model.config.in_channels,
             components.vae.config.token_channels,
@@ -474,6 +501,7 @@ def load(
             out_layers=text_cfg.out_layers,
             dtype=choice.dtypes["text_encoder"],
             device=device,
+            files=(lm, parts["text_encoder"]),
         )
         components.text_encoder, components.text_encoder_path = encoder, text_encoder
         components.tokenizer = load_tokenizer(tokenizer_folder)
