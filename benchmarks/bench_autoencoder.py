@@ -12,7 +12,7 @@ import argparse
 
 import torch
 from diffusers import AutoencoderKLFlux2
-from sidebyside import side_by_side  # noqa: E402  (benchmarks/, on sys.path when run as a script)
+from sidebyside import fastest_dtype, side_by_side  # noqa: E402  (benchmarks/, on sys.path when run as a script)
 
 from fluxforge.config import AutoencoderConfig
 from fluxforge.model.autoencoder import AutoEncoder
@@ -21,10 +21,14 @@ from fluxforge.model.autoencoder import AutoEncoder
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        help="default: bf16 where the CPU has it natively, else fp32",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
+    dtype = fastest_dtype(args.dtype)
     torch.manual_seed(0)
     ref = AutoencoderKLFlux2().to(dtype).eval()
     ours = AutoEncoder(AutoencoderConfig()).to(dtype).eval()
@@ -35,7 +39,7 @@ def main() -> None:
         "encode": (lambda: ref.encode(x).latent_dist.mode(), lambda: ours.encode(x)),
         "decode": (lambda: ref.decode(z).sample, lambda: ours.decode(z)),
     }
-    print(f"{args.size}x{args.size} {args.dtype} threads={torch.get_num_threads()}")
+    print(f"{args.size}x{args.size} {dtype} threads={torch.get_num_threads()}")
     with torch.inference_mode():
         for name, (theirs_fn, ours_fn) in cases.items():
             expected, got = theirs_fn(), ours_fn()  # both compute the same thing

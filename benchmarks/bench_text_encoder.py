@@ -20,9 +20,10 @@ from transformers import Mistral3ForConditionalGeneration, Qwen3Config, Qwen3For
 
 from fluxforge.config import MISTRAL_SMALL, QWEN3_4B, QWEN3_8B
 from fluxforge.model.text import TextEncoder, encode_prompts
+from fluxforge.tokenizer import ChatTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from sidebyside import side_by_side  # noqa: E402  (benchmarks/, on sys.path when run as a script)
+from sidebyside import fastest_dtype, side_by_side  # noqa: E402  (benchmarks/, on sys.path when run as a script)
 from tiny_text import qwen3_tokenizer, real_mistral_small_config, real_qwen3_config  # noqa: E402
 
 PROMPTS = ["a red fox in the snow, golden hour, 35mm photograph"]
@@ -51,9 +52,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        help="default: bf16 where this CPU has it natively, else fp32",
+    )
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
+    dtype = fastest_dtype(args.dtype)
     real_sizes()
 
     torch.manual_seed(0)
@@ -68,6 +73,7 @@ def main() -> None:
     )
     full = Qwen3ForCausalLM._from_config(config, dtype=dtype).eval()  # as from_pretrained: RoPE stays fp32
     tokenizer = qwen3_tokenizer()
+    chat_tokenizer = ChatTokenizer.from_transformers(tokenizer)
     pipe = Flux2KleinPipeline(
         scheduler=None, vae=None, text_encoder=full, tokenizer=tokenizer, transformer=None
     )
@@ -81,13 +87,13 @@ def main() -> None:
         return pipe.encode_prompt(PROMPTS, max_sequence_length=512, text_encoder_out_layers=layers)[0]
 
     def ours_fn():
-        return encode_prompts(ours, tokenizer, PROMPTS, max_sequence_length=512).embeds
+        return encode_prompts(ours, chat_tokenizer, PROMPTS, max_sequence_length=512).embeds
 
     with torch.inference_mode():
         assert torch.equal(theirs_fn(), ours_fn())  # same numbers, not merely close
         a, b = side_by_side(theirs_fn, ours_fn, args.repeats)
     print(
-        f"encode 1 prompt, 512 tokens, Qwen3 36 layers, hidden {args.hidden}, {args.dtype}: "
+        f"encode 1 prompt, 512 tokens, Qwen3 36 layers, hidden {args.hidden}, {dtype}: "
         f"diffusers {a * 1e3:.0f} ms   fluxforge {b * 1e3:.0f} ms   speed-up {a / b:.2f}x"
     )
 

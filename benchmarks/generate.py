@@ -42,7 +42,7 @@ from transformers.utils import logging as transformers_logging
 import fluxforge as ff
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from sidebyside import side_by_side  # noqa: E402  (benchmarks/, on sys.path when run as a script)
+from sidebyside import fastest_dtype, side_by_side  # noqa: E402  (benchmarks/, on sys.path when run as a script)
 from tiny_text import qwen3_tokenizer  # noqa: E402
 
 PROMPT = "a red fox in the snow, golden hour, 35mm photograph"
@@ -169,7 +169,11 @@ def report(klein: Pair, kv: Pair, refs: list[PIL.Image.Image], args: argparse.Na
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        help="default: bf16 where the CPU has it natively, else fp32",
+    )
     parser.add_argument("--size", type=int, default=256, help="output and reference side in pixels")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4, help="transformer heads of 128 channels")
@@ -181,11 +185,11 @@ def main() -> None:
     diffusers_logging.set_verbosity_error()  # its "guidance is ignored" notice for distilled models
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    dtype = getattr(torch, args.dtype)
+    dtype = fastest_dtype(args.dtype)
     refs = [picture(args.size, seed) for seed in range(4)]
     print(
         f"D={args.heads * 128} double={args.double} single={args.single} text=Qwen3 8x{args.text_hidden} "
-        f"out {args.size}x{args.size} refs {args.size}x{args.size} steps={args.steps} {args.dtype} "
+        f"out {args.size}x{args.size} refs {args.size}x{args.size} steps={args.steps} {dtype} "
         f"threads={torch.get_num_threads()} repeats={args.repeats}"
     )
     with tempfile.TemporaryDirectory() as tmp:

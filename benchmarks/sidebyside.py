@@ -1,10 +1,15 @@
-"""Timing two implementations of the same thing on a shared, noisy machine: alternate them, take medians."""
+"""Timing two implementations of the same thing on a shared, noisy machine: alternate them, take medians;
+and the dtype a benchmark runs in by default: the fastest the CPU computes natively."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
+
+from fluxforge.dtypes import describe_cpu, native
 
 
 def side_by_side(
@@ -20,3 +25,14 @@ def side_by_side(
             fn()
             out.append(time.perf_counter() - start)
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+def fastest_dtype(asked: str | None) -> torch.dtype:
+    """`asked`, else bf16 where the CPU computes it natively (AMX, AVX-512 BF16) and fp32 where bf16 is
+    emulated (AVX2: about 30x slower); printed, so every figure says which dtype it ran in and why."""
+    if asked is not None:
+        print(f"dtype {asked} (as asked)")
+        return getattr(torch, asked)
+    fast = torch.bfloat16 if native(torch.bfloat16, torch.device("cpu")) else torch.float32
+    print(f"dtype {str(fast).removeprefix('torch.')}: the fastest that {describe_cpu()} computes natively")
+    return fast

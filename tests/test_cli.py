@@ -192,3 +192,21 @@ def test_debug_shows_the_exception(folder, monkeypatch):
     monkeypatch.chdir(folder)
     with pytest.raises(ValueError, match="strength= needs init_image="):
         cli.main(["generate", "a cat", "-m", "klein", "--strength", "0.5", "--debug"])
+
+
+def test_help_and_info_import_no_model_code(folder):
+    """--help answers without torch; info reads configs and headers, builds no network, reads no weights."""
+    code = (
+        "import sys\nfrom fluxforge import cli\n"
+        "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch after --help:', 'torch' in sys.modules)\n"
+        "from fluxforge import checkpoint\n"
+        "checkpoint.Tensors.read = lambda self, keys: sys.exit('info read tensor data')\n"
+        f"assert cli.main(['info', {str(folder / 'klein')!r}]) == 0\n"
+        "print('model code after info:', sorted(m for m in sys.modules if m.startswith('fluxforge.model')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torch after --help: False" in done.stdout
+    assert "model code after info: []" in done.stdout
+    assert "variant      flux.2-klein-custom" in done.stdout

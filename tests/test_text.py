@@ -18,10 +18,9 @@ from tiny_text import (
 )
 from transformers import Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
-from fluxforge.config import MISTRAL_SMALL, QWEN3_4B
+from fluxforge.config import MISTRAL_SMALL, QWEN3_4B, LanguageConfig
 from fluxforge.model.text import (
     SYSTEM_MESSAGE,
-    LanguageConfig,
     TextEncoder,
     encode_prompts,
     tokenize_mistral3,

@@ -23,8 +23,8 @@ from tiny_text import qwen3_tokenizer, randomize_, tiny_qwen3_config
 from transformers import Qwen3ForCausalLM
 
 import fluxforge
-from fluxforge import bfl, checkpoint, weights
-from fluxforge.config import VARIANTS, TransformerConfig
+from fluxforge import bfl, checkpoint, files, weights
+from fluxforge.config import VARIANTS, AutoencoderConfig, TransformerConfig
 from fluxforge.errors import CheckpointError
 from fluxforge.model.transformer import Flux2Transformer
 
@@ -98,18 +98,18 @@ def test_sharded_transformer_loads_the_same_weights(parts, tmp_path):
     ],
 )
 def test_family_comes_from_model_index(index, family):
-    assert weights._family_of_model_index(index, Path("model_index.json")) == family
+    assert files.family_of_model_index(index, Path("model_index.json")) == family
 
 
 def test_registered_sizes_are_recognised_exactly():
     for name in ("flux.2-klein-4b", "flux.2-klein-9b"):
-        assert weights._variant_for("flux.2-klein", VARIANTS[name].transformer).name == name
-    assert weights._variant_for("flux.2-klein-base", VARIANTS["flux.2-klein-4b"].transformer).name == (
+        assert files.variant_for("flux.2-klein", VARIANTS[name].transformer).name == name
+    assert files.variant_for("flux.2-klein-base", VARIANTS["flux.2-klein-4b"].transformer).name == (
         "flux.2-klein-base-4b"
     )
-    assert weights._variant_for("flux.2-dev", VARIANTS["flux.2-dev"].transformer).name == "flux.2-dev"
+    assert files.variant_for("flux.2-dev", VARIANTS["flux.2-dev"].transformer).name == "flux.2-dev"
     spelled_out = dataclasses.replace(VARIANTS["flux.2-klein-4b"].transformer, out_channels=128)
-    assert weights._variant_for("flux.2-klein", spelled_out).name == "flux.2-klein-4b"
+    assert files.variant_for("flux.2-klein", spelled_out).name == "flux.2-klein-4b"
 
 
 @pytest.mark.parametrize("name", ["flux.2-dev", "flux.2-klein-4b", "flux.2-klein-9b"])
@@ -158,7 +158,7 @@ def test_bfl_transformer_file_loads_the_diffusers_weights(tmp_path, prefix, guid
 
 def test_bfl_autoencoder_file_loads_the_diffusers_weights(tmp_path):
     ref = tiny_diffusers_vae(block_out_channels=(32, 64), norm_num_groups=32)  # FLUX.2 uses 32 groups
-    state = to_bfl(ref.state_dict(), bfl.vae_plan(weights.AutoencoderConfig.from_dict(dict(ref.config))))
+    state = to_bfl(ref.state_dict(), bfl.vae_plan(AutoencoderConfig.from_dict(dict(ref.config))))
     # diffusers 0.42.1 has no FLUX.2 autoencoder converter; its LDM one reads the same layout once the
     # quant convs sit at the top level (BFL nests them in the encoder / decoder) and without the bn stats.
     ldm = {

@@ -17,8 +17,6 @@ import torch
 from fluxforge.checkpoint import Source
 from fluxforge.config import AutoencoderConfig, TransformerConfig
 from fluxforge.errors import CheckpointError
-from fluxforge.model.autoencoder import AutoEncoder
-from fluxforge.model.transformer import Flux2Transformer
 
 PREFIXES = ("", "model.diffusion_model.")  # plain BFL files; ComfyUI-style prefixed files
 _DETECT = "single_stream_modulation.lin.weight"
@@ -92,6 +90,9 @@ def transformer_source(key: str, prefix: str = "") -> Source:
 
 
 def transformer_plan(cfg: TransformerConfig, prefix: str = "") -> dict:
+    # Imported here: the shape rules of this module serve `fluxforge info`, which builds no network.
+    from fluxforge.model.transformer import Flux2Transformer
+
     with torch.device("meta"):
         keys = Flux2Transformer(cfg).state_dict().keys()
     return {k: transformer_source(k, prefix) for k in keys}
@@ -180,6 +181,8 @@ def vae_source(key: str, num_up_blocks: int, nested_quant_convs: bool = True) ->
 def vae_plan(cfg: AutoencoderConfig, keys: Mapping[str, Any] | None = None) -> dict:
     """BFL nests quant_conv in the encoder and post_quant_conv in the decoder; LDM-style conversions of
     the same weights keep them at the top level. Both are read; `keys` tells which this file has."""
+    from fluxforge.model.autoencoder import AutoEncoder  # as in transformer_plan
+
     nested = keys is None or "quant_conv.weight" not in keys
     with torch.device("meta"):
         module_keys = AutoEncoder(cfg).state_dict().keys()

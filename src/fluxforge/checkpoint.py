@@ -114,10 +114,11 @@ class Tensors(Mapping[str, Entry]):
             )
         return cls(entries, index)
 
-    def nbytes(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of the floating tensors in `dtype` (None: as stored), plus every other tensor as stored."""
+    def nbytes(self, dtype: torch.dtype | None = None, keys: Iterable[str] | None = None) -> int:
+        """Bytes of the floating tensors in `dtype` (None: as stored), plus every other tensor as stored;
+        of `keys` only, when given."""
         total = 0
-        for e in self._entries.values():
+        for e in self._entries.values() if keys is None else (self._entries[k] for k in keys):
             stored = e.torch_dtype
             cast = dtype if dtype is not None and stored.is_floating_point else stored
             total += e.nbytes // stored.itemsize * cast.itemsize

@@ -21,8 +21,8 @@ from fluxforge.errors import CheckpointError
 if TYPE_CHECKING:  # torch and the models are imported by the commands that use them, so --help is instant
     import torch
 
+    from fluxforge.files import ModelFiles
     from fluxforge.sampling import StepInfo
-    from fluxforge.weights import Components
 
 PROG = "fluxforge"
 _BAR_WIDTH = 30
@@ -120,17 +120,16 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from fluxforge.weights import load
+    from fluxforge import files
 
-    model = _model_arguments(args)
-    components = load(**model, dtype=args.dtype)
-    print(describe(components, [Path(model[k]) for k in ("path", "vae", "text_encoder") if model[k]]))
+    print(describe(files.find(**_model_arguments(args), dtype=args.dtype)))
     return 0
 
 
-def describe(components: Components, paths: Sequence[Path]) -> str:
-    """The summary `fluxforge info` prints: variant, defaults, parameters and dtype per network, files."""
-    v, d, text = components.variant, components.variant.defaults, components.variant.text_encoder
+def describe(model: ModelFiles) -> str:
+    """The summary `fluxforge info` prints: variant, defaults, parameters and dtype per network, files. Read
+    from the configs and headers alone: no weights are loaded and no network is built."""
+    v, d, text = model.variant, model.variant.defaults, model.variant.text_encoder
     if d.guidance_mode == "none":
         guidance = "no guidance (distilled)"
     elif d.guidance_mode == "cfg":
@@ -143,29 +142,26 @@ def describe(components: Components, paths: Sequence[Path]) -> str:
         f"defaults     {d.steps} steps, {guidance}, up to {d.max_sequence_length} text tokens",
         f"text layers  hidden states {', '.join(map(str, text.out_layers))} of {text.num_hidden_layers}"
         f" ({text.kind})",
-        f"dtype        {components.dtype.summary() if components.dtype else 'as loaded'}",
+        f"dtype        {model.dtype.summary()}",
         "",
         f"{'network':<36}{'parameters':>14}  dtype",
     ]
-    networks: list[tuple[str, torch.nn.Module | None]] = [
-        ("transformer", components.transformer),
-        ("autoencoder", components.vae),
+    counts = model.parameters()
+    names = {
+        "transformer": "transformer",
+        "vae": "autoencoder",
         # Only the decoder layers whose hidden states are used are loaded, and so counted.
-        (f"text encoder (first {text.layers_to_load} layers)", components.text_encoder),
-    ]
-    total = 0
-    for name, module in networks:
-        if module is None:
+        "text_encoder": f"text encoder (first {text.layers_to_load} layers)",
+    }
+    for key, name in names.items():
+        if key not in counts:
             lines.append(f"{name:<36}{'not loaded':>14}")
             continue
-        count = sum(p.numel() for p in module.parameters())
-        total += count
-        dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
-        lines.append(f"{name:<36}{count:>14,}  {dtype}")
-    lines += [f"{'total':<36}{total:>14,}", "", "files"]
-    for path in paths:
-        files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
-        lines += [f"  {f}  {f.stat().st_size / 2**20:.1f} MiB" for f in files]
+        lines.append(f"{name:<36}{counts[key]:>14,}  {str(model.dtype.dtypes[key]).removeprefix('torch.')}")
+    lines += [f"{'total':<36}{sum(counts.values()):>14,}", "", "files"]
+    paths = [model.path, model.vae.path if model.vae else None, model.text.folder if model.text else None]
+    found = {f for p in paths if p is not None for f in (p.rglob("*.safetensors") if p.is_dir() else [p])}
+    lines += [f"  {f}  {f.stat().st_size / 2**20:.1f} MiB" for f in sorted(found)]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Literal
@@ -191,6 +192,112 @@ class TextEncoderConfig:
     @property
     def feature_dim(self) -> int:
         return len(self.out_layers) * self.hidden_size
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    """The decoder-only language model of a text encoder, read from its config.json. Keys absent from the
+    file take transformers' defaults for that model type (`save_pretrained` writes only what differs)."""
+
+    kind: TextEncoderKind
+    vocab_size: int
+    hidden_size: int  # Dm
+    intermediate_size: int  # MLP hidden
+    num_hidden_layers: int  # in the full checkpoint
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int  # Dh
+    rms_norm_eps: float
+    rope_theta: float
+    attention_bias: bool  # Qwen3 may have q/k/v/o biases; Mistral never does
+    sliding_window: int | None  # Mistral's local attention; None for full attention
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.kind == "qwen3"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LanguageConfig:
+        model_type = data.get("model_type")
+        if model_type == "mistral3":
+            text = data.get("text_config")
+            if not isinstance(text, Mapping):
+                raise ValueError("a mistral3 config needs its text_config (the language model's settings)")
+            return cls._read("mistral3", text)
+        if model_type == "mistral":
+            return cls._read("mistral3", data)
+        if model_type == "qwen3":
+            return cls._read("qwen3", data)
+        raise ValueError(
+            f"unsupported text encoder config with model_type {model_type!r}: expected a Qwen3 (klein) or "
+            "Mistral 3 / Mistral (dev) config"
+        )
+
+    @classmethod
+    def _read(cls, kind: TextEncoderKind, d: Mapping[str, Any]) -> LanguageConfig:
+        defaults = _QWEN3_DEFAULTS if kind == "qwen3" else _MISTRAL_DEFAULTS
+        get = {**defaults, **{k: v for k, v in d.items() if v is not None or k == "sliding_window"}}.get
+        hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(
+                f"RoPE type {rope_type!r} is not supported (FLUX.2's text encoders use 'default')"
+            )
+        layers = int(get("num_hidden_layers"))
+        sliding = get("sliding_window")
+        if kind == "qwen3":  # Qwen3 slides only from max_window_layers on, and only with use_sliding_window
+            slides = get("use_sliding_window") and get("sliding_window") is not None
+            types = d.get("layer_types") or [
+                "sliding_attention" if slides and i >= get("max_window_layers") else "full_attention"
+                for i in range(layers)
+            ]
+            if "sliding_attention" in types:
+                raise ValueError("Qwen3 sliding-window attention layers are not supported")
+            sliding = None
+        return cls(
+            kind=kind,
+            vocab_size=int(get("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(get("intermediate_size")),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=int(get("num_key_value_heads") or heads),
+            head_dim=int(get("head_dim") or hidden // heads),
+            rms_norm_eps=float(get("rms_norm_eps")),
+            rope_theta=float(rope.get("rope_theta", get("rope_theta"))),
+            attention_bias=bool(get("attention_bias")) if kind == "qwen3" else False,
+            sliding_window=None if sliding is None else int(sliding),
+        )
+
+
+_QWEN3_DEFAULTS = dict(  # transformers' Qwen3Config
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=22016,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    head_dim=128,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    attention_bias=False,
+    use_sliding_window=False,
+    max_window_layers=28,
+    sliding_window=None,
+)
+_MISTRAL_DEFAULTS = dict(  # transformers' MistralConfig
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=None,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    sliding_window=4096,
+)
 
 
 @dataclass(frozen=True)
