@@ -1,11 +1,11 @@
 """Peak memory of loading a FLUX.2 checkpoint, and of loading it and making one picture, against diffusers.
 
 A random klein-shaped checkpoint in the diffusers layout (klein 4B's block counts and head dim at a smaller
-width, the real VAE config, a 28-layer Qwen3 read at diffusers' layers 9, 18, 27) is built in a child
+width, the real VAE config, a Qwen3 of klein's 36 layers read at 9, 18, 27, narrower) is built in a child
 process and saved to a temporary folder. Each case then runs in a process of its own and reports its peak
 RSS (`ru_maxrss`); the parent never imports torch, because a child's `ru_maxrss` starts at its parent's peak.
 Printed: each peak minus that of a bare `import torch, transformers` process, divided by the size of the
-weights as loaded (the size on disk when the dtype is the stored one).
+weights each library loads (fluxforge skips the text encoder's unread layers) and by the size on disk.
 
     python benchmarks/load.py [--width 640] [--dtype float32] [--size 64]
 """
@@ -43,7 +43,7 @@ def build(folder: Path, width: int) -> None:
         vocab_size=512,  # the byte tokenizer's tokens fit; a 151936-row table would be most of the file
         hidden_size=256,
         intermediate_size=768,
-        num_hidden_layers=28,
+        num_hidden_layers=36,  # as Qwen3-4B and -8B: layers 28-36 are never read by FLUX.2
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=64,
@@ -63,6 +63,22 @@ def build(folder: Path, width: int) -> None:
         ).eval(),
         is_distilled=True,
     ).save_pretrained(folder)
+
+
+def fluxforge_reads(folder: Path) -> int:
+    """Bytes in fp32 of the tensors fluxforge loads: all of the transformer and VAE, and the text encoder's
+    embedding and first 27 layers (diffusers loads all 36 and the LM head)."""
+    from fluxforge import files
+
+    f = files.find(folder, dtype="float32")
+    return sum(
+        part.tensors.nbytes(None, keys)
+        for part, keys in (
+            (f.transformer, None),
+            (f.vae, None),
+            (f.text, [k for k in f.text.tensors if f.text.read(k)]),
+        )
+    )
 
 
 def case(name: str, folder: Path, dtype: str, size: int) -> None:
@@ -113,31 +129,33 @@ def main() -> None:
         name, folder = args.child
         if name == "build":
             build(Path(folder), args.width)
-            print("{}")
+            print(json.dumps({"read_fp32": fluxforge_reads(Path(folder))}))
         else:
             case(name, Path(folder), args.dtype, args.size)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "klein"
-        run("--child", "build", str(folder), "--width", str(args.width))
-        files = list(folder.rglob("*.safetensors"))
-        on_disk = sum(f.stat().st_size for f in files)
-        loaded = on_disk if args.dtype == "float32" else on_disk // 2  # the checkpoint is fp32
+        read = run("--child", "build", str(folder), "--width", str(args.width))["read_fp32"]
+        on_disk = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+        half = args.dtype != "float32"  # the checkpoint is fp32
+        weights = {"fluxforge": read // 2 if half else read, "diffusers": on_disk // 2 if half else on_disk}
         common = ["--dtype", args.dtype, "--size", str(args.size)]
         base = run("--child", "baseline", str(folder), *common)["peak_kib"]
         print(
-            f"checkpoint: {on_disk / 2**20:,.0f} MiB on disk (fp32), {loaded / 2**20:,.0f} MiB as loaded in "
-            f"{args.dtype}; bare `import torch, transformers`: {base / 1024:,.0f} MiB peak RSS"
+            f"checkpoint: {on_disk / 2**20:,.0f} MiB on disk (fp32); weights as loaded in {args.dtype}: "
+            f"fluxforge {weights['fluxforge'] / 2**20:,.0f} MiB, "
+            f"diffusers {weights['diffusers'] / 2**20:,.0f} MiB; "
+            f"bare `import torch, transformers`: {base / 1024:,.0f} MiB peak RSS"
         )
-        print(f"{'case':<20}{'peak - bare (MiB)':>20}{'/ weights as loaded':>22}")
-        results = {}
+        print(f"{'case':<20}{'peak - bare (MiB)':>20}{'/ own weights':>16}{'/ size on disk':>16}")
+        extra = {}
         for name in ("fluxforge-load", "diffusers-load", "fluxforge-generate", "diffusers-generate"):
-            extra = (run("--child", name, str(folder), *common)["peak_kib"] - base) * 1024
-            results[name] = extra / loaded
-            print(f"{name:<20}{extra / 2**20:>20,.0f}{extra / loaded:>22.2f}")
-        ratio = results["diffusers-generate"] / results["fluxforge-generate"]
-        print(f"load + generate: fluxforge holds {ratio:.2f}x less than diffusers beyond the interpreter")
+            extra[name] = (run("--child", name, str(folder), *common)["peak_kib"] - base) * 1024
+            own = extra[name] / weights[name.split("-")[0]]
+            print(f"{name:<20}{extra[name] / 2**20:>20,.0f}{own:>16.2f}{extra[name] / on_disk:>16.2f}")
+        ratio = extra["diffusers-generate"] / extra["fluxforge-generate"]
+        print(f"load + generate: diffusers holds {ratio:.2f}x what fluxforge holds beyond the interpreter")
 
 
 if __name__ == "__main__":
