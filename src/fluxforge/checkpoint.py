@@ -14,6 +14,7 @@ aligned, and BLAS kernels sum in another order on unaligned memory (results then
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -196,10 +197,7 @@ def read_header(path: Path) -> dict[str, Entry]:
             raise bad(f"tensor {key!r} has no dtype, shape and data_offsets") from None
         if dtype not in DTYPES:
             raise bad(f"tensor {key!r} has dtype {dtype}, which fluxforge does not read")
-        count = 1
-        for d in shape:
-            count *= d
-        if not 0 <= begin <= end <= data_size or end - begin != count * DTYPES[dtype].itemsize:
+        if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
             raise bad(f"tensor {key!r}: bytes {begin}..{end} do not hold {list(shape)} {dtype} in the file")
         entries[key] = Entry(path, shape, dtype, base + begin, end - begin)
     return entries

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -98,7 +99,7 @@ class ModelFiles:
 
         def count(tensors: Tensors, keep=lambda key: True) -> int:
             return sum(
-                _numel(e.shape) for k, e in tensors.items() if e.torch_dtype.is_floating_point and keep(k)
+                math.prod(e.shape) for k, e in tensors.items() if e.torch_dtype.is_floating_point and keep(k)
             )
 
         out = {"transformer": count(self.transformer.tensors)}
@@ -450,10 +451,3 @@ def _choose_dtypes(
         chosen.update(choice.dtypes)
         reasons.append(choice.reason if len(groups) == 1 else f"{', '.join(names)} {choice.reason}")
     return dtypes.DtypeChoice(chosen, "; ".join(reasons))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
