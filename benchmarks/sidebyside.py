@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from fluxforge.dtypes import describe_cpu, native
+from fluxforge.dtypes import describe_cpu, name, native
 
 
 def side_by_side(
@@ -34,5 +34,5 @@ def fastest_dtype(asked: str | None) -> torch.dtype:
         print(f"dtype {asked} (as asked)")
         return getattr(torch, asked)
     fast = torch.bfloat16 if native(torch.bfloat16, torch.device("cpu")) else torch.float32
-    print(f"dtype {str(fast).removeprefix('torch.')}: the fastest that {describe_cpu()} computes natively")
+    print(f"dtype {name(fast)}: the fastest that {describe_cpu()} computes natively")
     return fast

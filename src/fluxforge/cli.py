@@ -129,6 +129,8 @@ def run_info(args: argparse.Namespace) -> int:
 def describe(model: ModelFiles) -> str:
     """The summary `fluxforge info` prints: variant, defaults, parameters and dtype per network, files. Read
     from the configs and headers alone: no weights are loaded and no network is built."""
+    from fluxforge import dtypes
+
     v, d, text = model.variant, model.variant.defaults, model.variant.text_encoder
     if d.guidance_mode == "none":
         guidance = "no guidance (distilled)"
@@ -157,7 +159,7 @@ def describe(model: ModelFiles) -> str:
         if key not in counts:
             lines.append(f"{name:<36}{'not loaded':>14}")
             continue
-        lines.append(f"{name:<36}{counts[key]:>14,}  {str(model.dtype.dtypes[key]).removeprefix('torch.')}")
+        lines.append(f"{name:<36}{counts[key]:>14,}  {dtypes.name(model.dtype.dtypes[key])}")
     lines += [f"{'total':<36}{sum(counts.values()):>14,}", "", "files"]
     paths = [model.path, model.vae.path if model.vae else None, model.text.folder if model.text else None]
     found = {f for p in paths if p is not None for f in (p.rglob("*.safetensors") if p.is_dir() else [p])}
