@@ -72,7 +72,7 @@ MASK = torch.ones(1, 1, 32, 32)
             ValueError,
             r"12x36 \(given 13x38, rounded down to multiples of 4\) is too small",
         ),
-        (dict(references=[picture(64, 64, 0)] * 11), ValueError, r"11 references given; at most 10"),
+        (dict(references=[picture(64, 64, 0)] * 11), ValueError, r"references: 11 given; at most 10"),
         (
             dict(references=[picture(12, 64, 0)]),
             ValueError,

@@ -1,4 +1,4 @@
-"""The command line: `fluxforge generate` and `fluxforge info`, a thin adapter over `Pipeline`.
+"""The command line: `fluxforge generate`, `serve` and `info`, thin adapters over `Pipeline`.
 
 stdout carries the results (one `PATH (seed N)` line per image, or the model summary); stderr carries the
 progress bar, the settings used and errors. Errors are one `fluxforge: error: ...` line: exit 2 for a bad
@@ -9,6 +9,7 @@ command line, 1 for anything the library refuses (values, files, missing package
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -117,6 +118,45 @@ def run_generate(args: argparse.Namespace) -> int:
     for path, seed in zip(result.save(target), result.seeds, strict=True):
         print(f"{path} (seed {seed})")
     return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from fluxforge.server import Settings, create_app
+        from fluxforge.server.run import serve
+    except ImportError as exc:
+        raise ImportError(f"fluxforge serve needs FastAPI and uvicorn ({exc}); reinstall fluxforge") from exc
+    from fluxforge.request import Limits
+
+    model = resolve_model(args)
+    settings = Settings(
+        model=model,
+        vae=args.vae,
+        text_encoder=args.text_encoder,
+        variant=args.variant,
+        text_layers=args.text_layers,
+        dtype=args.dtype,
+        device=str(args.device or "cpu"),
+        data=args.data,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        limits=Limits(
+            max_references=args.max_references,
+            max_pixels=args.max_pixels,
+            max_images=args.max_n,
+            max_prompt_chars=args.max_prompt_chars,
+            max_input_pixels=args.max_input_pixels,
+        ),
+        api_key=args.api_key or None,
+        webhook_secret=args.webhook_secret or None,
+        grace=args.grace,
+        retention=args.retention,
+        keepalive=args.sse_keepalive,
+    )
+    del uvicorn
+    return serve(create_app(settings), args.host, args.port, args.log_level)
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -254,6 +294,89 @@ def _parser() -> _Parser:
         help=f"a .png path or a folder (default: ./{PROG}-SEED.png); several images get -0, -1, ...",
     )
 
+    srv = commands.add_parser(
+        "serve",
+        parents=[debug],
+        help="run the HTTP server (OpenAI-compatible images API, async jobs)",
+        description="Serve a model over HTTP: the OpenAI-compatible /v1/images endpoints, durable async jobs "
+        "(/v1/jobs) with live progress and cancel, /health, /v1/capabilities and /metrics. Jobs and their "
+        "files live under --data and survive a restart. The limits apply to every request, with the same "
+        "rules and messages as the Python API.",
+    )
+    srv.set_defaults(run=run_serve)
+    srv.add_argument("-m", "--model", help="a FLUX.2 folder, BFL file or hub id (default: the built-in demo)")
+    _model_options(srv)
+    srv.add_argument("--device", type=_device, help="where the networks run (default: cpu)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    srv.add_argument(
+        "--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)"
+    )
+    srv.add_argument(
+        "--data",
+        type=Path,
+        default=Path("fluxforge-data"),
+        help="jobs database and files (default: ./fluxforge-data)",
+    )
+    srv.add_argument(
+        "--max-queue", type=_positive, default=16, metavar="N", help="jobs waiting, else 429 (16)"
+    )
+    srv.add_argument(
+        "--max-body-bytes",
+        type=_positive,
+        default=32 * 2**20,
+        metavar="B",
+        help="request body, else 413 (32 MiB)",
+    )
+    srv.add_argument(
+        "--max-input-pixels",
+        type=_positive,
+        default=64 * 2**20,
+        metavar="PX",
+        help="pixels of one input image, read from its header before decoding, else 413 (64 Mi)",
+    )
+    srv.add_argument(
+        "--max-pixels", type=_positive, default=4 * 2**20, metavar="PX", help="output width x height (4 Mi)"
+    )
+    srv.add_argument(
+        "--max-references", type=_positive, default=10, metavar="N", help="reference images (10)"
+    )
+    srv.add_argument("--max-n", type=_positive, default=4, metavar="N", help="images per request (4)")
+    srv.add_argument(
+        "--max-prompt-chars",
+        type=_positive,
+        default=20_000,
+        metavar="N",
+        help="characters per prompt (20000)",
+    )
+    srv.add_argument(
+        "--api-key",
+        default=os.environ.get("FLUXFORGE_API_KEY"),
+        help="require Authorization: Bearer KEY on "
+        "/v1 and /metrics (default: $FLUXFORGE_API_KEY; none: open)",
+    )
+    srv.add_argument(
+        "--webhook-secret",
+        default=os.environ.get("FLUXFORGE_WEBHOOK_SECRET"),
+        help="HMAC-SHA256 key that signs webhooks; without it requests may not ask for one "
+        "(default: $FLUXFORGE_WEBHOOK_SECRET)",
+    )
+    srv.add_argument(
+        "--grace",
+        type=_duration,
+        default=30.0,
+        metavar="T",
+        help="after SIGTERM, time the running job may take to finish before it goes back to the queue (30s)",
+    )
+    srv.add_argument(
+        "--retention",
+        type=_duration,
+        default=7 * 86400.0,
+        metavar="T",
+        help="how long finished jobs and their files are kept: 90s, 30m, 12h, 7d (7d)",
+    )
+    srv.add_argument("--sse-keepalive", type=_duration, default=15.0, metavar="T", help=argparse.SUPPRESS)
+    srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
     inf = commands.add_parser(
         "info", parents=[debug], help="describe a model", description="Describe a model and its files."
     )
@@ -304,6 +427,29 @@ def _layers(value: str) -> tuple[int, ...]:
     if not layers or min(layers) < 1:
         raise argparse.ArgumentTypeError(f"{value!r}: layers are numbered from 1")
     return layers
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _duration(value: str) -> float:
+    """90, 90s, 30m, 12h or 7d -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (value[:-1], value[-1]) if value[-1:] in units else (value, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration (90s, 30m, 12h, 7d)") from None
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is negative")
+    return seconds
 
 
 def _image_file(value: str) -> str:

@@ -47,3 +47,7 @@ _SHOWN = 40
 
 class GenerationCancelled(Exception):
     """A generation stopped at a step boundary because its `cancel` event was set."""
+
+
+class InputTooLarge(ValueError):
+    """A request or one of its images is over a size limit (HTTP 413); checked before an image is decoded."""

@@ -30,6 +30,8 @@ import PIL.PngImagePlugin
 import torch
 import torch.nn.functional as F
 
+from fluxforge.errors import InputTooLarge
+
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike | bytes
 Picture = TypeVar("Picture", PIL.Image.Image, torch.Tensor)
 
@@ -42,6 +44,40 @@ def load_image(image: ImageInput, *, param: str = "image") -> PIL.Image.Image:
     """Any accepted input as an RGB PIL image. Float arrays become uint8 as diffusers' `numpy_to_pil` does
     (round(x * 255)), so a tensor and the PIL image diffusers would make of it give the same result."""
     return _as_pil(image, param).convert("RGB")
+
+
+def check_input_size(image: ImageInput, max_pixels: int, *, param: str = "image") -> None:
+    """Refuse an input image of more than `max_pixels`, reading only its header: a small file can hold a
+    huge picture (a decompression bomb), so bytes and files are measured before they are decoded."""
+    if isinstance(image, PIL.Image.Image):
+        width, height = image.size
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        shape = tuple(image.shape)
+        hw = shape[-2:] if len(shape) in (2, 4) or (len(shape) == 3 and shape[0] in _CHANNELS) else shape[:2]
+        height, width = (int(v) for v in hw)
+    elif isinstance(image, (bytes, str, os.PathLike)):
+        if isinstance(image, bytes):
+            source: Any = io.BytesIO(image)
+        elif Path(os.fsdecode(image)).is_file():
+            source = os.fsdecode(image)
+        else:
+            return  # load_image names the problem
+        try:
+            with PIL.Image.open(source) as picture:  # lazy: the header only
+                width, height = picture.size
+        except PIL.Image.DecompressionBombError:
+            width = height = None
+        except (OSError, SyntaxError, ValueError):
+            return  # not an image: load_image says so
+        if width is None:
+            raise InputTooLarge(f"{param}: the image is a decompression bomb (far above {max_pixels} px)")
+    else:
+        return
+    if width * height > max_pixels:
+        raise InputTooLarge(
+            f"{param} is {width}x{height} = {width * height / 1e6:.1f} MP; input images may have at most "
+            f"{max_pixels / 1e6:.1f} MP ({max_pixels} px): scale it down before sending it"
+        )
 
 
 def to_pixels(image: PIL.Image.Image) -> torch.Tensor:
