@@ -7,10 +7,12 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ class Server:
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(90):
+        if not self._ready.wait(90) or not any("serving on" in line for line in self.lines):
             self.kill()
             raise RuntimeError(f"the server did not print its address; log:\n{self.log.read_text()[-3000:]}")
         self.url = next(line for line in self.lines if "serving on" in line).split("serving on ")[1].strip()
@@ -48,6 +50,7 @@ class Server:
             self.lines.append(raw.decode().rstrip())
             if "serving on" in self.lines[-1]:
                 self._ready.set()
+        self._ready.set()  # the process ended
 
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -130,3 +133,49 @@ def wait_status(client: httpx.Client, job_id: str, statuses: tuple[str, ...], ti
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} is still {job['status']}, not {statuses}")
+
+
+class WebhookReceiver:
+    """A loopback HTTP server that records every POST (signature header, body); `fail_first` answers the
+    first n with 500 to exercise retries."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.received: list[tuple[str, bytes]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                owner.received.append((self.headers.get("X-Fluxforge-Signature", ""), body))
+                self.send_response(500 if len(owner.received) <= fail_first else 200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, body in self.received]
+
+    def wait(self, count: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG that claims a size and holds no pixels: a decompression bomb, as a header reader sees it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")

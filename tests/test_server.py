@@ -8,12 +8,12 @@ import hashlib
 import hmac
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import openai
 import pytest
-from serving import PROMPT, Server, events, picture, png, wait_status
+from serving import PROMPT, Server, WebhookReceiver, events, header_only_png, picture, png, wait_status
+from test_server_worker import header_only_png
 
 import fluxforge as ff
 
@@ -229,15 +229,8 @@ def test_422_for_bodies_that_do_not_parse(client):
 def test_413_body_and_pixels_before_decoding(server, client):
     big = {"prompt": PROMPT, "references": ["A" * (33 * 2**20)]}
     _error(client.post("/v1/jobs", json=big), 413, "too_large")
-    # A 20000 x 20000 PNG is a few hundred kB: refused from its header, never decoded.
-    import io
-
-    import PIL.Image
-
-    buffer = io.BytesIO()
-    PIL.Image.new("L", (20000, 20000)).save(buffer, format="PNG")
-    assert len(buffer.getvalue()) < 2**20
-    bomb = base64.b64encode(buffer.getvalue()).decode()
+    # A PNG that claims 20000 x 20000 pixels in 33 bytes: refused from its header, never decoded.
+    bomb = base64.b64encode(header_only_png(20000, 20000)).decode()
     err = _error(client.post("/v1/jobs", json={"prompt": PROMPT, "references": [bomb]}), 413, "too_large")
     assert err["param"] == "references[0]"
     _error(client.post("/v1/jobs", json={"prompt": "x" * 20_001}), 413, param="prompt")
@@ -363,39 +356,20 @@ def test_idempotency(client):
 
 
 def test_webhook_is_signed(client):
-    received = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((self.headers["X-Fluxforge-Signature"], body))
-            self.send_response(500 if len(received) == 1 else 200)  # the first delivery fails: retried
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    receiver = WebhookReceiver(fail_first=1)  # the first delivery fails: it is retried
     try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
-        job = client.post("/v1/jobs", json={"prompt": PROMPT, "steps": 2, "webhook_url": url}).json()
+        job = client.post("/v1/jobs", json={"prompt": PROMPT, "steps": 2, "webhook_url": receiver.url}).json()
         wait_status(client, job["id"], ("succeeded",))
-        import time
-
-        for _ in range(100):
-            if len(received) >= 2:
-                break
-            time.sleep(0.1)
-        assert len(received) == 2
-        signature, body = received[-1]
+        receiver.wait(2)
+        assert len(receiver.received) == 2
+        signature, body = receiver.received[-1]
         expected = hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
         assert signature == f"sha256={expected}"
         sent = json.loads(body)
         assert sent["id"] == job["id"] and sent["status"] == "succeeded"
         assert sent["result"]["images"][0]["url"].startswith("http://127.0.0.1:")
     finally:
-        httpd.shutdown()
+        receiver.close()
 
 
 def test_list_filters(client):

@@ -148,6 +148,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_images=args.max_n,
             max_prompt_chars=args.max_prompt_chars,
             max_input_pixels=args.max_input_pixels,
+            max_steps=args.max_steps,
         ),
         api_key=args.api_key or None,
         webhook_secret=args.webhook_secret or None,
@@ -336,6 +337,9 @@ def _parser() -> _Parser:
     )
     srv.add_argument(
         "--max-pixels", type=_positive, default=4 * 2**20, metavar="PX", help="output width x height (4 Mi)"
+    )
+    srv.add_argument(
+        "--max-steps", type=_positive, default=1000, metavar="N", help="steps per request (1000)"
     )
     srv.add_argument(
         "--max-references", type=_positive, default=10, metavar="N", help="reference images (10)"

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,8 +64,10 @@ def check_input_size(image: ImageInput, max_pixels: int, *, param: str = "image"
         else:
             return  # load_image names the problem
         try:
-            with PIL.Image.open(source) as picture:  # lazy: the header only
-                width, height = picture.size
+            with warnings.catch_warnings():  # Pillow warns of a bomb; this refuses it below instead
+                warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+                with PIL.Image.open(source) as picture:  # lazy: the header only
+                    width, height = picture.size
         except PIL.Image.DecompressionBombError:
             width = height = None
         except (OSError, SyntaxError, ValueError):

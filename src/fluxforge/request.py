@@ -49,6 +49,7 @@ class Limits:
     max_images: int = 16  # per request: prompts x num_images
     max_prompt_chars: int = 20_000  # per prompt (and negative prompt); the encoder reads 512 tokens of it
     max_input_pixels: int = 64 * 1024 * 1024  # an input image's own size, read from its header
+    max_steps: int = MAX_STEPS
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -126,7 +127,7 @@ class Validator:
                 f"num_images: {n_prompts} prompts x num_images={r.num_images} is {batch} images; at most "
                 f"{self.limits.max_images} per request"
             )
-        steps = d.steps if r.steps is None else _check_int(r.steps, "steps", 1, MAX_STEPS)
+        steps = d.steps if r.steps is None else _check_int(r.steps, "steps", 1, self.limits.max_steps)
         if r.sigmas is not None:
             _check_sigmas(r.sigmas)
         max_len = (

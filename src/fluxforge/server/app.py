@@ -79,6 +79,7 @@ class Settings:
             "max_queue": self.max_queue,
             "max_body_bytes": self.max_body_bytes,
             "max_prompt_chars": self.limits.max_prompt_chars,
+            "max_steps": self.limits.max_steps,
         }
 
 
