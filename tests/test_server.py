@@ -13,7 +13,6 @@ import numpy as np
 import openai
 import pytest
 from serving import PROMPT, Server, WebhookReceiver, events, header_only_png, picture, png, wait_status
-from test_server_worker import header_only_png
 
 import fluxforge as ff
 
