@@ -377,3 +377,41 @@ def test_list_filters(client):
     succeeded = client.get("/v1/jobs", params={"status": "succeeded", "limit": 5}).json()["data"]
     assert succeeded[0]["id"] == job["id"] and all(j["status"] == "succeeded" for j in succeeded)
     _error(client.get("/v1/jobs", params={"status": "done"}), 400, param="status")
+
+
+def test_a_client_that_disconnects_cancels_its_generation(client):
+    import httpx
+
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/images/generations", json={"prompt": PROMPT, "steps": LONG}, timeout=1.0)
+    job = client.get("/v1/jobs", params={"limit": 1}).json()["data"][0]
+    assert job["kind"] == "generation" and job["request"]["steps"] == LONG
+    done = wait_status(client, job["id"], ("canceled", "succeeded"), timeout=30)
+    assert done["status"] == "canceled" and done["progress"]["step"] < LONG
+
+
+def test_keepalive_and_png_metadata(client):
+    from fluxforge.images import read_png_metadata
+
+    blocker = _long_job(client)
+    wait_status(client, blocker["id"], ("running",))
+    job = client.post("/v1/jobs", json={"prompt": PROMPT, "steps": 3, "seed": 9}).json()
+    lines = []
+    with client.stream("GET", job["urls"]["events"]) as response:
+        for line in response.iter_lines():
+            lines.append(line)
+            if line.startswith(": keep-alive"):  # every --sse-keepalive seconds (1 s here; 15 s by default)
+                break
+    assert lines[0] == "event: state"
+    _cancel_and_wait(client, blocker["id"])
+    done = wait_status(client, job["id"], ("succeeded",))
+    image = client.get(done["result"]["images"][0]["url"]).content
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "out.png"
+        path.write_bytes(image)
+        metadata = read_png_metadata(path)
+    assert metadata["prompt"] == PROMPT and metadata["seed"] == 9 and metadata["steps"] == 3
+    assert metadata["mode"] == "text-to-image" and metadata["variant"] == "fluxforge-demo"

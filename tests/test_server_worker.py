@@ -156,3 +156,48 @@ def test_worker_survives_a_failing_job(pipe, tmp_path, monkeypatch):
     assert service.store.get(first.id).error["code"] == "out_of_memory"
     assert service.store.get(second.id).status == "succeeded"
     service.stop()
+
+
+def _ready(service):
+    service.start()
+    deadline = time.monotonic() + 30
+    while service.worker.state != "ready" and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_retention_deletes_finished_jobs_and_their_files(pipe, tmp_path):
+    app = create_app(Settings(data=tmp_path / "data", retention=3600), load=lambda: pipe)
+    service = app.state.service
+    _ready(service)
+    job, _ = service.admit(job_submission(JobBody(prompt=PROMPT, steps=2)))
+    while not service.store.get(job.id).final:
+        time.sleep(0.01)
+    folder = service.store.folder(job.id)
+    assert sorted(p.name for p in folder.iterdir()) == ["out-0.png"]
+    assert service.clean() == []  # younger than the retention
+    assert service.clean(now=time.time() + 3601) == [job.id]
+    assert service.store.get(job.id) is None and not folder.exists()
+    service.stop()
+
+
+def test_503_while_the_model_loads(pipe, tmp_path):
+    from fastapi.testclient import TestClient
+
+    loaded = threading.Event()
+
+    def slow_load():
+        loaded.wait(30)
+        return pipe
+
+    app = create_app(Settings(data=tmp_path / "data"), load=slow_load)
+    with TestClient(app) as client:
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "starting"
+        busy = client.post("/v1/jobs", json={"prompt": PROMPT})
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "loading"
+        assert int(busy.headers["Retry-After"]) >= 1
+        loaded.set()
+        deadline = time.monotonic() + 30
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.post("/v1/jobs", json={"prompt": PROMPT, "steps": 1}).status_code == 202

@@ -267,6 +267,14 @@ class Service:
             self.worker.cancel(job_id)  # running: it stops at the next step
         return self.get(job_id)
 
+    def clean(self, now: float | None = None) -> list[str]:
+        """Delete the finished jobs older than `--retention`, with their files; returns their ids."""
+        cutoff = (time.time() if now is None else now) - self.settings.retention
+        deleted = [job_id for job_id in self.store.expired(cutoff) if self.store.delete(job_id)]
+        for job_id in deleted:
+            self.jobs.events.forget(job_id)
+        return deleted
+
     def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)
         if job is None:
@@ -823,13 +831,10 @@ def _last_event(service: Service, job_id: str) -> int:
 
 
 async def _janitor(service: Service) -> None:
-    """Delete finished jobs older than the retention period, once a minute."""
+    """`Service.clean`, once a minute."""
     while True:
         try:
-            cutoff = time.time() - service.settings.retention
-            for job_id in await run_in_threadpool(service.store.expired, cutoff):
-                await run_in_threadpool(service.store.delete, job_id)
-                service.jobs.events.forget(job_id)
+            await run_in_threadpool(service.clean)
         except Exception:
             log.exception("cleaning up old jobs failed")
         await asyncio.sleep(60)
