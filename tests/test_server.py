@@ -415,3 +415,13 @@ def test_keepalive_and_png_metadata(client):
         metadata = read_png_metadata(path)
     assert metadata["prompt"] == PROMPT and metadata["seed"] == 9 and metadata["steps"] == 3
     assert metadata["mode"] == "text-to-image" and metadata["variant"] == "fluxforge-demo"
+
+
+def test_413_for_a_chunked_body_over_the_limit(client):
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 2**20  # 40 MiB without a Content-Length
+
+    response = client.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    _error(response, 413, "too_large")
+    assert client.get("/health").status_code == 200

@@ -201,3 +201,13 @@ def test_503_while_the_model_loads(pipe, tmp_path):
         while client.get("/health").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert client.post("/v1/jobs", json={"prompt": PROMPT, "steps": 1}).status_code == 202
+
+
+def test_preview_map_is_the_linear_map_on_denormalized_latents(pipe):
+    from fluxforge.model.autoencoder import unpack, unpatchify
+
+    previewer = Previewer.fit(pipe.vae)
+    tokens = torch.randn(2, 6 * 4, pipe.transformer.config.in_channels)
+    z = unpatchify(pipe.vae.denormalize(unpack(tokens, 6, 4)), pipe.vae.config.patch_size)
+    direct = torch.einsum("bchw,ck->bkhw", z, previewer.weight) + previewer.bias.view(1, 3, 1, 1)
+    torch.testing.assert_close(previewer.pixels(tokens, 6, 4), direct.clamp(-1, 1), atol=1e-5, rtol=0)

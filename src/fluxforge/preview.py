@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fluxforge.model.autoencoder import AutoEncoder, unpack, unpatchify
+from fluxforge.model.autoencoder import AutoEncoder
 
 FIT_SIZE = 128  # px: side of the synthetic pictures the map is fitted on
 
@@ -28,6 +28,16 @@ class Previewer:
     def __init__(self, vae: AutoEncoder, weight: Tensor, bias: Tensor) -> None:
         self.vae = vae
         self.weight, self.bias = weight, bias  # [C, 3], [3]: raw latent channels -> RGB in [-1, 1]
+        # Folded into one map from normalized tokens: token channel c*ph*pw + p holds latent channel c at
+        # sub-pixel p, scaled by std and shifted by mean; so RGB at sub-pixel p = tokens @ M[:, p] + b[p].
+        (ph, pw), channels = vae.config.patch_size, weight.shape[0]
+        mean = vae.bn.running_mean.detach().float().to(weight.device).view(channels, ph * pw)
+        std = torch.sqrt(vae.bn.running_var.detach().float().to(weight.device) + vae.config.batch_norm_eps)
+        std = std.view(channels, ph * pw)
+        eye = torch.eye(ph * pw, device=weight.device)
+        # M[c, p, q, k] = std[c, p] * [p == q] * W[c, k]  ->  [C*ph*pw, ph*pw*3]
+        self._map = torch.einsum("cp,pq,ck->cpqk", std, eye, weight).reshape(channels * ph * pw, ph * pw * 3)
+        self._shift = (torch.einsum("cp,ck->pk", mean, weight) + bias).reshape(ph * pw * 3)
 
     @classmethod
     @torch.no_grad()
@@ -53,12 +63,12 @@ class Previewer:
 
     @torch.no_grad()
     def pixels(self, tokens: Tensor, h: int, w: int) -> Tensor:
-        """Normalized DiT tokens [B, h*w, 4C] -> preview pixels [B, 3, 2h, 2w] in [-1, 1], float32, CPU."""
-        device = self.weight.device
-        z = self.vae.denormalize(unpack(tokens.to(device, torch.float32), h, w).contiguous())
-        z = unpatchify(z, self.vae.config.patch_size)  # [B, C, 2h, 2w]
-        rgb = torch.einsum("bchw,ck->bkhw", z, self.weight) + self.bias.view(1, 3, 1, 1)
-        return rgb.clamp(-1, 1).cpu()
+        """Normalized DiT tokens [B, h*w, 4C] -> preview pixels [B, 3, 2h, 2w] in [-1, 1], float32, CPU:
+        one [h*w, 4C] x [4C, 12] product on the tokens' device, then the 2x2 sub-pixels unfolded."""
+        (ph, pw) = self.vae.config.patch_size
+        rgb = tokens.to(self._map.device, torch.float32) @ self._map + self._shift  # [B, h*w, ph*pw*3]
+        rgb = rgb.clamp(-1, 1).cpu().view(-1, h, w, ph, pw, 3).permute(0, 5, 1, 3, 2, 4)
+        return rgb.reshape(-1, 3, h * ph, w * pw)
 
     def jpeg(self, tokens: Tensor, h: int, w: int, index: int = 0, quality: int = 70) -> bytes:
         """Image `index` of the batch as JPEG bytes at the latent resolution."""

@@ -172,7 +172,7 @@ class Service:
         """Validate and queue a submission (runs in a thread: validation decodes the images)."""
         self.check_ready()
         if idempotency_key is not None:
-            existing = self.jobs._by_key(idempotency_key)
+            existing = self.store.by_key(idempotency_key)
             if existing is not None:
                 return self._same_body(existing, body_hash), False
         if sub.webhook_url and not self.settings.webhook_secret:
@@ -886,6 +886,7 @@ class _BodyLimit:
             return
         seen = 0
         too_big = False
+        answered = False
 
         async def counted() -> dict:
             nonlocal seen, too_big
@@ -897,13 +898,23 @@ class _BodyLimit:
                     raise _TooLarge()
             return message
 
+        async def guarded(message: dict) -> None:
+            # Whatever the app answers once the body was cut off (FastAPI turns a failed read into a 400),
+            # the client gets the 413.
+            nonlocal answered
+            if too_big:
+                if not answered:
+                    answered = True
+                    await _send_error(send, self._error(seen))
+                return
+            await send(message)
+
         try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _send_error(send, self._error(seen))
+            await self.app(scope, counted, guarded)
         except Exception:
             if not too_big:
                 raise
+        if too_big and not answered:
             await _send_error(send, self._error(seen))
 
     def _error(self, size: int) -> ApiError:

@@ -133,30 +133,37 @@ class JobStore:
     def insert(self, job: Job) -> tuple[Job, bool]:
         """Store a new queued job (its input files already written to `folder(job.id)`); returns it and True,
         or, for an idempotency key already used, the existing job and False."""
+        existing = None
         with self._transaction() as db:
             if job.idempotency_key is not None:
-                row = db.execute(
-                    "SELECT * FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,)
-                ).fetchone()
-                if row is not None:
-                    return _job(row), False
-            cursor = db.execute(
-                "INSERT INTO jobs (id, kind, status, params, inputs, options, created_at, idempotency_key, "
-                "body_hash, webhook_url) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job.id,
-                    job.kind,
-                    json.dumps(job.params),
-                    json.dumps(job.inputs),
-                    json.dumps(job.options),
-                    job.created_at,
-                    job.idempotency_key,
-                    job.body_hash,
-                    job.webhook_url,
-                ),
-            )
-            job.seq, job.status = cursor.lastrowid, "queued"
+                row = db.execute("SELECT id FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,))
+                existing = row.fetchone()
+            if existing is None:
+                cursor = db.execute(
+                    "INSERT INTO jobs (id, kind, status, params, inputs, options, created_at, "
+                    "idempotency_key, body_hash, webhook_url) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job.id,
+                        job.kind,
+                        json.dumps(job.params),
+                        json.dumps(job.inputs),
+                        json.dumps(job.options),
+                        job.created_at,
+                        job.idempotency_key,
+                        job.body_hash,
+                        job.webhook_url,
+                    ),
+                )
+                job.seq, job.status = cursor.lastrowid, "queued"
+        if existing is not None:
+            return self.get(existing[0]), False
         return job, True
+
+    def by_key(self, key: str) -> Job | None:
+        """The job created with this Idempotency-Key, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT id FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
+        return None if row is None else self.get(row[0])
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -345,10 +352,8 @@ class Jobs:
     def submit(self, job: Job) -> tuple[Job, bool]:
         """Queue a job, or return the one with its idempotency key. Raises QueueFull."""
         with self._admit:
-            if job.idempotency_key is not None:
-                existing = self._by_key(job.idempotency_key)
-                if existing is not None:
-                    return existing, False
+            if job.idempotency_key is not None and (existing := self.store.by_key(job.idempotency_key)):
+                return existing, False
             if self.store.count("queued") >= self.max_queue:
                 raise QueueFull(self.max_queue)
             job, created = self.store.insert(job)
@@ -357,11 +362,6 @@ class Jobs:
             with self._wake:
                 self._wake.notify_all()
         return self.store.get(job.id), created
-
-    def _by_key(self, key: str) -> Job | None:
-        with self.store._lock:
-            row = self.store._db.execute("SELECT id FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
-        return None if row is None else self.store.get(row[0])
 
     def publish(self, job_id: str, name: str, data: dict[str, Any], persist: bool = True) -> int:
         """Send an event to the job's subscribers; returns its id. Ids continue from the store's record,

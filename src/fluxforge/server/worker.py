@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import PIL.Image
-
 from fluxforge import images
 from fluxforge.errors import GenerationCancelled
 from fluxforge.pipeline import GenerationRequest, GenerationResult, Pipeline
@@ -343,9 +341,3 @@ class Webhooks:
             log.warning("webhook for %s, attempt %d: %s", job.id, attempt + 1, reason)
         log.error("webhook for %s given up after %d attempts", job.id, len(self.DELAYS) + 1)
         self.jobs.store.webhook_done(job.id)
-
-
-def preview_image(data: str) -> PIL.Image.Image:  # for tests and tools: a preview event's picture
-    import io
-
-    return PIL.Image.open(io.BytesIO(base64.b64decode(data)))
