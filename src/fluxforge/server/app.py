@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -47,6 +48,7 @@ from fluxforge.server.worker import LocalWorker, Webhooks, Worker
 log = logging.getLogger("fluxforge.server")
 
 MODES = ["text-to-image", "references", "img2img", "inpaint"]
+WEB = Path(__file__).with_name("web")
 
 
 @dataclass
@@ -437,6 +439,14 @@ def create_app(settings: Settings, load: Callable[[], Any] | None = None) -> Fas
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         error = ApiError(500, f"internal error ({type(exc).__name__}); it has been logged", "internal_error")
         return JSONResponse(error.body(), status_code=500)
+
+    # --- the page (web/): static files over this same API, open without the key ---------------------
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(WEB / "index.html", media_type="text/html")
+
+    app.mount("/web", StaticFiles(directory=WEB), name="web")
 
     # --- service ---------------------------------------------------------------------------------------
 
