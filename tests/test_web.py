@@ -288,3 +288,41 @@ def test_page_is_served_without_the_key_and_needs_nothing_else(tmp_path):
         assert "http://" not in html and "https://" not in html  # nothing fetched from elsewhere
     finally:
         s.stop()
+
+
+def test_cancel_while_queued_shows_the_queue_position(page, server):
+    with server.http() as c:
+        blocker = c.post("/v1/jobs", json={"prompt": PROMPT, "steps": 600}).json()
+        page.fill("#prompt", PROMPT)
+        page.fill("#steps", "2")
+        page.click("#generate")
+        page.wait_for_selector("#status:has-text('Queued: runs next')", timeout=30_000)
+        shot(page, "queued")
+        page.click("#cancel")
+        page.wait_for_selector("#status:has-text('Canceled')", timeout=30_000)
+        job = c.get("/v1/jobs", params={"limit": 1}).json()["data"][0]
+        assert job["status"] == "canceled" and job["started_at"] is None
+        c.post(f"/v1/jobs/{blocker['id']}/cancel")
+
+
+def test_controls_follow_the_model(browser, server):
+    """A distilled model takes no guidance and no negative prompt: the page does not show them."""
+
+    context = browser.new_context()
+    page = context.new_page()
+    with server.http() as c:
+        caps = c.get("/v1/capabilities").json()
+    distilled = {**caps, "model": "flux.2-klein-4b", "guidance": False, "negative_prompt": False}
+    distilled["defaults"] = {"steps": 4, "guidance": None, "width": 1024, "height": 1024}
+    page.route("**/v1/capabilities", lambda route: route.fulfill(json=distilled))
+    page.goto(server.url + "/")
+    page.wait_for_selector("#model:has-text('flux.2-klein-4b')")
+    assert page.is_hidden("#guidance") and page.is_hidden("#negative")
+    assert page.input_value("#steps") == "4" and page.input_value("#width") == "1024"
+    page.check("input[value=references]")
+    assert page.is_hidden("#strength")
+    page.check("input[value=img2img]")
+    assert page.is_visible("#strength") and page.input_value("#strength") == "0.6"
+    page.check("input[value=inpaint]")
+    assert page.input_value("#strength") == "1" and page.is_visible("#brush-tools")
+    context.close()
