@@ -65,8 +65,14 @@ def test_health_models_capabilities_metrics(server, client):
     assert caps["limits"]["max_n"] == 4 and caps["limits"]["max_queue"] == 16
     assert caps["defaults"] == {"steps": 12, "guidance": 4.0, "width": 64, "height": 64}
     assert caps["guidance"] and caps["negative_prompt"] and not caps["reference_kv"]
-    client.post("/v1/images/generations", json={"prompt": PROMPT, "steps": 2})
+    assert caps["caches"]["prompts"]["max_bytes"] == 256 * 2**20
+    for _ in range(2):
+        client.post("/v1/images/generations", json={"prompt": PROMPT, "steps": 2})
     text = client.get("/metrics").text
+    hits = next(
+        line for line in text.splitlines() if line.startswith('fluxforge_cache_hits_total{cache="prompts"}')
+    )
+    assert int(hits.split()[-1]) >= 2  # the second request's prompt and negative prompt
     assert 'fluxforge_jobs{status="succeeded"}' in text and "fluxforge_step_seconds_count" in text
     assert "fluxforge_queue_length 0" in text
 

@@ -155,6 +155,11 @@ def run_serve(args: argparse.Namespace) -> int:
         grace=args.grace,
         retention=args.retention,
         keepalive=args.sse_keepalive,
+        cache_sizes={
+            "prompts": args.cache_prompts,
+            "latents": args.cache_latents,
+            "reference_kv": args.cache_kv,
+        },
     )
     del uvicorn
     return serve(create_app(settings), args.host, args.port, args.log_level)
@@ -378,6 +383,18 @@ def _parser() -> _Parser:
         metavar="T",
         help="how long finished jobs and their files are kept: 90s, 30m, 12h, 7d (7d)",
     )
+    for name, default, what in (
+        ("prompts", 256, "prompt embeddings"),
+        ("latents", 256, "reference and init-image latents"),
+        ("kv", 2048, "reference K/V of klein KV models"),
+    ):
+        srv.add_argument(
+            f"--cache-{name}",
+            type=_megabytes,
+            default=default * 2**20,
+            metavar="MIB",
+            help=f"cache of {what}, in MiB; 0 turns it off ({default})",
+        )
     srv.add_argument("--sse-keepalive", type=_duration, default=15.0, metavar="T", help=argparse.SUPPRESS)
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
@@ -441,6 +458,16 @@ def _positive(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
     return number
+
+
+def _megabytes(value: str) -> int:
+    try:
+        mib = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size in MiB") from None
+    if not mib >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 MiB, got {value}")
+    return int(mib * 2**20)
 
 
 def _duration(value: str) -> float:

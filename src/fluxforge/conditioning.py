@@ -8,7 +8,7 @@ text tokens are (0, 0, 0, l).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,13 +40,19 @@ class ReferenceTokens:
 
 
 @torch.no_grad()
-def encode_references(vae: AutoEncoder, pixels: Sequence[Tensor], first_index: int = 0) -> ReferenceTokens:
-    """Encode [1, 3, H, W] images in [-1, 1]; image k gets T = 10 (first_index + k + 1)."""
+def encode_references(
+    vae: AutoEncoder,
+    pixels: Sequence[Tensor],
+    first_index: int = 0,
+    encode: Callable[[Tensor], Tensor] | None = None,
+) -> ReferenceTokens:
+    """Encode [1, 3, H, W] images in [-1, 1]; image k gets T = 10 (first_index + k + 1). `encode` replaces
+    `vae.encode_tokens` (the pipeline passes its cached stage)."""
     tokens, ids, sizes = [], [], []
     grid = vae.config.spatial_scale * vae.config.patch_size[0]  # pixels per token side
     for k, image in enumerate(pixels):
         height, width = image.shape[-2:]
-        tokens.append(vae.encode_tokens(image))
+        tokens.append(encode(image) if encode is not None else vae.encode_tokens(image))
         ids.append(grid_ids(height // grid, width // grid, REFERENCE_T_STEP * (first_index + k + 1)))
         sizes.append((width, height))
     return ReferenceTokens(torch.cat(tokens, dim=1), torch.cat(ids), tuple(sizes))

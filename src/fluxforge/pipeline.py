@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from fluxforge import dtypes, images
+from fluxforge.cache import Caches, content_hash
 from fluxforge.conditioning import ReferenceTokens, draw_noise, encode_references, grid_ids, mask_tokens
 from fluxforge.config import Variant
 from fluxforge.demo import DEMO_NOTICE, DEMO_PATH
@@ -88,6 +89,8 @@ class Pipeline:
         self.transformer: Flux2Transformer = components.transformer
         self.vae: AutoEncoder = components.vae
         self.limits = Limits()  # what one request may ask for; a server sets its own
+        # Prompt embeddings, reference latents and reference K/V seen before (fluxforge.cache); exact.
+        self.caches = Caches()
 
     @classmethod
     def from_pretrained(
@@ -209,6 +212,16 @@ class Pipeline:
         on_step: Callable[[StepInfo], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerationResult:
+        with self.caches.track() as tally:
+            return self._run(request, on_step, cancel, tally)
+
+    def _run(
+        self,
+        request: GenerationRequest,
+        on_step: Callable[[StepInfo], None] | None,
+        cancel: threading.Event | None,
+        tally: dict[str, dict[str, int]],
+    ) -> GenerationResult:
         r, variant = request, self.variant
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -221,7 +234,7 @@ class Pipeline:
         refs = self._reference_tokens(plan)
         init_tokens = None
         if plan.init_pixels is not None:
-            init_tokens = self.vae.encode_tokens(self._on_vae(plan.init_pixels)).to(device, dtype)
+            init_tokens = self._image_tokens(plan.init_pixels).to(device, dtype)
             init_tokens = init_tokens.expand(plan.batch, -1, -1)
         timings["encode_images"], clock = time.perf_counter() - clock, time.perf_counter()
 
@@ -275,6 +288,7 @@ class Pipeline:
             "dtype": dtypes.name(dtype),
             "dtype_reason": self.components.dtype.reason if self.components.dtype else None,
             "timings": timings,
+            "cache": tally,  # this request's hits and misses per cache
         }
         return GenerationResult(pil, list(plan.seeds) if plan.seeds else [None] * plan.batch, info, x, pixels)
 
@@ -293,7 +307,11 @@ class Pipeline:
                     "this model was loaded without a text encoder: load it with text_encoder=, "
                     "or pass prompt_embeds"
                 )
-            return encode_prompts(encoder, tokenizer, prompts, plan.max_sequence_length, dtype, n)
+            if not self.caches.prompts.enabled:
+                return encode_prompts(encoder, tokenizer, prompts, plan.max_sequence_length, dtype, n)
+            embeds = torch.cat(self._prompt_rows(prompts, plan.max_sequence_length, dtype))
+            embeds = embeds.repeat_interleave(n, dim=0)
+            return TextEmbeddings(embeds, text_ids(embeds.shape[1]).to(embeds.device))
 
         text = encode(plan.prompts, r.prompt_embeds)
         negative = None
@@ -302,11 +320,50 @@ class Pipeline:
             negative = encode(negatives, r.negative_prompt_embeds)
         return text, negative
 
+    def _prompt_rows(self, prompts: list[str], max_length: int, dtype: torch.dtype) -> list[Tensor]:
+        """[1, L, D] embeddings per prompt from the prompt cache; the missing ones encoded in one batch.
+        Keyed by the encoder's identity, its layers, the length, the dtype and the exact text."""
+        cache, encoder = self.caches.prompts, self.components.text_encoder
+        keys = [(id(encoder), encoder.out_layers, max_length, dtype, prompt) for prompt in prompts]
+        rows = {key: cache.get(key) for key in dict.fromkeys(keys)}
+        missing = [key for key, row in rows.items() if row is None]
+        if missing:
+            tokenizer = self.components.tokenizer
+            fresh = encode_prompts(encoder, tokenizer, [key[-1] for key in missing], max_length, dtype)
+            for i, key in enumerate(missing):
+                rows[key] = fresh.embeds[i : i + 1].clone()  # its own storage: the cache counts its bytes
+                cache.put(key, rows[key])
+        return [rows[key] for key in keys]
+
+    def _image_tokens(self, pixels: Tensor) -> Tensor:
+        """VAE tokens [1, n, C] of prepared pixels, from the latent cache: keyed by the VAE's identity and
+        dtype and a hash of the pixels after resizing (so a changed file with the same name misses)."""
+        encode = lambda: self.vae.encode_tokens(self._on_vae(pixels))  # noqa: E731
+        if not self.caches.latents.enabled or pixels.is_meta:  # meta tensors have no values to hash
+            return encode()
+        return self.caches.latents.lookup((id(self.vae), self.vae.dtype, content_hash(pixels)), encode)
+
+    def _reference_kv(self, refs: ReferenceTokens, guidance: Tensor | None) -> ReferenceKV:
+        """The references' K/V for every layer (klein KV), computed from the reference tokens alone, one copy
+        for the whole batch, from the reference-KV cache: they depend only on the reference latents and their
+        positions, so they are keyed by those and the transformer."""
+        model, dtype = self.transformer, self.transformer.dtype
+
+        def extract() -> ReferenceKV:
+            g = guidance[:1] if guidance is not None else None
+            return model.reference_kv(refs.tokens.to(dtype), refs.ids, g)
+
+        cache = self.caches.reference_kv
+        if not cache.enabled or refs.tokens.is_meta:
+            return extract()
+        key = (id(model), dtype, content_hash(refs.tokens), content_hash(refs.ids))
+        return cache.lookup(key, extract)
+
     def _reference_tokens(self, plan: Plan) -> ReferenceTokens | None:
         pixels = list(plan.reference_pixels)
         if plan.mode == "inpaint":
             pixels.insert(0, plan.init_pixels)  # the source image is the first reference (T = 10)
-        return encode_references(self.vae, [self._on_vae(p) for p in pixels]) if pixels else None
+        return encode_references(self.vae, pixels, encode=self._image_tokens) if pixels else None
 
     def _on_vae(self, x: Tensor) -> Tensor:
         return x.to(next(self.vae.parameters()).device)
@@ -331,25 +388,15 @@ class Pipeline:
             refs = dataclasses.replace(refs, tokens=refs.tokens.to(device), ids=refs.ids.to(device))
         n_img = img_ids.shape[0]
         ref_tokens = refs.tokens.to(dtype).expand(plan.batch, -1, -1) if refs is not None else None
-        kv: list[ReferenceKV] = []  # filled on the first step of reference-KV sampling
+        reference_kv = None
+        if refs is not None and self.variant.defaults.reference_kv:
+            reference_kv = self._reference_kv(refs, guidance)
 
         def one(x: Tensor, t: Tensor, txt: TextEmbeddings) -> Tensor:
             if ref_tokens is None:
                 return model(x, txt.embeds, t, img_ids, txt.ids, guidance)
-            if self.variant.defaults.reference_kv:
-                if not kv:  # references first, block-causal; their K/V are reused from here on
-                    out = model.forward_extract(
-                        torch.cat([ref_tokens, x], 1),
-                        txt.embeds,
-                        t,
-                        torch.cat([refs.ids, img_ids]),
-                        txt.ids,
-                        refs.num_tokens,
-                        guidance,
-                    )
-                    kv.append(out.reference_kv)
-                    return out.sample
-                return model(x, txt.embeds, t, img_ids, txt.ids, guidance, reference_kv=kv[0])
+            if reference_kv is not None:
+                return model(x, txt.embeds, t, img_ids, txt.ids, guidance, reference_kv=reference_kv)
             out = model(
                 torch.cat([x, ref_tokens], 1),
                 txt.embeds,

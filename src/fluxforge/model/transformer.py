@@ -402,6 +402,29 @@ class Flux2Transformer(nn.Module):
         assert kv is not None
         return ExtractOutput(sample, kv)
 
+    def reference_kv(
+        self,
+        ref: Tensor,
+        ref_ids: Tensor,
+        guidance: Tensor | None = None,
+        ref_timestep: float = 0.0,
+    ) -> ReferenceKV:
+        """The reference K/V of every layer from the reference tokens alone ([1, N, C] and their ids), with no
+        text and no noisy tokens: reference tokens attend only to themselves at `ref_timestep`, so this is
+        what `forward_extract` stores, computed once for any prompt, noise, step and batch."""
+        if ref.ndim != 3 or ref.shape[1] == 0:
+            raise ValueError(
+                f"ref must be [B, N_ref, C] reference tokens with N_ref >= 1, got {list(ref.shape)}"
+            )
+        txt = ref.new_zeros(ref.shape[0], 0, self.config.joint_attention_dim)
+        t = ref.new_full((ref.shape[0],), ref_timestep)
+        _, kv = self._run(
+            ref, txt, t, ref_ids, torch.zeros(0, 4, dtype=torch.int64, device=ref.device), guidance,
+            num_ref=ref.shape[1], ref_timestep=ref_timestep,
+        )  # fmt: skip
+        assert kv is not None
+        return kv
+
     def _check_inputs(
         self, img: Tensor, txt: Tensor, timestep: Tensor, img_pos: Tensor, txt_pos: Tensor
     ) -> None:

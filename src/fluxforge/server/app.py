@@ -71,6 +71,7 @@ class Settings:
     grace: float = 30.0  # s a running job may take to finish after SIGTERM
     retention: float = 7 * 24 * 3600.0  # s finished jobs and their files are kept
     keepalive: float = 15.0  # s between SSE keep-alive comments
+    cache_sizes: dict[str, int] | None = None  # bytes per cache (fluxforge.cache); None: the defaults
 
     def capabilities(self) -> dict[str, int]:
         return {
@@ -103,10 +104,11 @@ class Service:
         self.started = time.time()
 
     def _load(self) -> Any:
+        from fluxforge.cache import Caches
         from fluxforge.pipeline import Pipeline
 
         s = self.settings
-        return Pipeline.from_pretrained(
+        pipe = Pipeline.from_pretrained(
             s.model,
             vae=s.vae,
             text_encoder=s.text_encoder,
@@ -115,6 +117,8 @@ class Service:
             variant=s.variant,
             text_encoder_out_layers=s.text_layers,
         )
+        pipe.caches = Caches(s.cache_sizes)
+        return pipe
 
     def start(self) -> None:
         requeued, failed = self.store.recover()
@@ -504,6 +508,7 @@ def create_app(settings: Settings, load: Callable[[], Any] | None = None) -> Fas
             "output_formats": list(MEDIA_TYPES),
             "api_key": settings.api_key is not None,
             "webhooks": settings.webhook_secret is not None,
+            "caches": info.get("caches", {}),
         }
 
     @app.get("/metrics", tags=["service"], response_class=Response)
@@ -871,6 +876,18 @@ def _prometheus(service: Service) -> str:
             f"fluxforge_job_seconds_sum {m.job_seconds:.6f}",
             f"fluxforge_job_seconds_count {m.jobs}",
         ]
+    caches = service.worker.model_info().get("caches", {})
+    for name, help_text in (
+        ("hits", "Cache hits."),
+        ("misses", "Cache misses."),
+        ("evictions", "Entries evicted to stay within the size."),
+        ("bytes", "Bytes held."),
+        ("max_bytes", "The size limit in bytes."),
+    ):
+        kind = "counter" if name in ("hits", "misses", "evictions") else "gauge"
+        metric = f"fluxforge_cache_{name}" + ("_total" if kind == "counter" else "")
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+        lines += [f'{metric}{{cache="{cache}"}} {stats[name]}' for cache, stats in caches.items()]
     lines += [
         "# HELP fluxforge_up 1 when the model is loaded.",
         "# TYPE fluxforge_up gauge",

@@ -149,6 +149,7 @@ class LocalWorker:
             "reference_kv": bool(d.reference_kv),
             "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
             "device": str(pipe.device),
+            "caches": pipe.caches.stats(),
         }
 
     def cancel(self, job_id: str) -> bool:
