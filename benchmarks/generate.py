@@ -50,7 +50,8 @@ TEXT_LAYERS = (2, 4, 6)  # an 8-layer Qwen3 is too shallow for diffusers' defaul
 
 
 def build(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """Random weights (each module's default init), saved as a klein folder and as a klein KV folder."""
+    """Random weights (each module's default init), saved as a klein folder and as a klein KV folder, and
+    (the same weights) as a klein base folder in folder / "base"."""
     torch.manual_seed(0)
     text = Qwen3Config(
         vocab_size=512,  # the byte tokenizer's 256 bytes and a few special tokens fit
@@ -79,6 +80,7 @@ def build(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     )
     Flux2KleinPipeline(**parts, is_distilled=True).save_pretrained(folder / "klein")
     Flux2KleinKVPipeline(**parts).save_pretrained(folder / "kv")
+    Flux2KleinPipeline(**parts, is_distilled=False).save_pretrained(folder / "base")
     return folder / "klein", folder / "kv"
 
 
