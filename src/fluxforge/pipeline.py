@@ -30,7 +30,7 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from fluxforge import dtypes, images
+from fluxforge import dtypes, images, tiling
 from fluxforge.cache import Caches, content_hash
 from fluxforge.conditioning import ReferenceTokens, draw_noise, encode_references, grid_ids, mask_tokens
 from fluxforge.config import Variant
@@ -96,6 +96,10 @@ class Pipeline:
         # from diffusers' two forwards by the rounding of larger matrix products, which guidance amplifies
         # (up to 1.2e-5 in the parity tests, against their 1e-5; tests/test_cache.py states the bound).
         self.batch_cfg = False
+        # Images above this many pixels are decoded and encoded in blended tiles (fluxforge.tiling): the
+        # peak memory of one 512 x 512 tile instead of the whole image, within a stated tolerance of the
+        # untiled result. None: never.
+        self.tile_above_pixels: int | None = 2 * 1024 * 1024
 
     @classmethod
     def from_pretrained(
@@ -272,7 +276,10 @@ class Pipeline:
 
         pixels, pil = None, []
         if r.decode:
-            pixels = self.vae.decode_tokens(self._on_vae(x), h, w)
+            if self._tiled(plan.width * plan.height):
+                pixels = tiling.decode_tokens_tiled(self.vae, self._on_vae(x), h, w)
+            else:
+                pixels = self.vae.decode_tokens(self._on_vae(x), h, w)
             pil = images.to_pil(pixels)
             timings["decode"] = time.perf_counter() - clock
         info = {
@@ -293,6 +300,7 @@ class Pipeline:
             "dtype": dtypes.name(dtype),
             "dtype_reason": self.components.dtype.reason if self.components.dtype else None,
             "timings": timings,
+            "vae_tiled": self._tiled(plan.width * plan.height),
             "cache": tally,  # this request's hits and misses per cache
         }
         return GenerationResult(pil, list(plan.seeds) if plan.seeds else [None] * plan.batch, info, x, pixels)
@@ -343,10 +351,20 @@ class Pipeline:
     def _image_tokens(self, pixels: Tensor) -> Tensor:
         """VAE tokens [1, n, C] of prepared pixels, from the latent cache: keyed by the VAE's identity and
         dtype and a hash of the pixels after resizing (so a changed file with the same name misses)."""
-        encode = lambda: self.vae.encode_tokens(self._on_vae(pixels))  # noqa: E731
+        tiled = self._tiled(pixels.shape[-1] * pixels.shape[-2])
+
+        def encode() -> Tensor:
+            if tiled:
+                return tiling.encode_tokens_tiled(self.vae, self._on_vae(pixels))
+            return self.vae.encode_tokens(self._on_vae(pixels))
+
         if not self.caches.latents.enabled or pixels.is_meta:  # meta tensors have no values to hash
             return encode()
-        return self.caches.latents.lookup((id(self.vae), self.vae.dtype, content_hash(pixels)), encode)
+        key = (id(self.vae), self.vae.dtype, tiled, content_hash(pixels))
+        return self.caches.latents.lookup(key, encode)
+
+    def _tiled(self, pixels: int) -> bool:
+        return self.tile_above_pixels is not None and pixels > self.tile_above_pixels
 
     def _reference_kv(self, refs: ReferenceTokens, guidance: Tensor | None) -> ReferenceKV:
         """The references' K/V for every layer (klein KV), computed from the reference tokens alone, one copy
