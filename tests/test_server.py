@@ -174,6 +174,16 @@ def test_streaming_partial_images(server):
     assert [e.type for e in stream] == ["image_edit.partial_image", "image_edit.completed"]
 
 
+def test_a_stream_that_waits_in_the_queue_still_parses(server, client):
+    blocker = _long_job(client)
+    wait_status(client, blocker["id"], ("running",))
+    threading.Timer(2.5, lambda: client.post(f"/v1/jobs/{blocker['id']}/cancel")).start()  # > --sse-keepalive
+    stream = server.openai().images.generate(
+        prompt=PROMPT, stream=True, partial_images=1, extra_body={"steps": 2}
+    )
+    assert [e.type for e in stream] == ["image_generation.partial_image", "image_generation.completed"]
+
+
 # ------------------------------------------------------------------------------------------------------
 # Errors: the OpenAI body, the Python API's message, the endpoint's parameter name
 

@@ -756,9 +756,10 @@ async def _openai_stream(service: Service, job: Job, prefix: str, base_url: str)
             current = service.store.get(job.id)
             if current.final:
                 break
+            # No keep-alive comments here: once a stream has carried an `id:`, the official openai client
+            # turns a comment's blank line into an event with empty data and fails to parse it.
             event = await sub.get(timeout=service.settings.keepalive)
             if event is None:
-                yield b": keep-alive\n\n"
                 continue
             if event.name == "preview" and sent < wanted and event.data["step"] >= targets[sent]:
                 yield record(
