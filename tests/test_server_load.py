@@ -1,7 +1,8 @@
 """A bounded load test on loopback: 32 concurrent clients send 200 synchronous generations to the demo model
-through a queue shorter than the load. Every request is answered (200, or 429 with Retry-After), none is
-lost, and the server's memory after the run is within 10% of its memory after a warm-up run of the same load.
-Latency percentiles and throughput are printed (pytest -s)."""
+through a queue shorter than the load (--max-batch 4: requests waiting together run as one batch). Every
+request is answered (200, or 429 with Retry-After), none is lost, and the server's memory after the run is
+within 10% of its memory after a warm-up run of the same load. Latency percentiles and throughput are
+printed (pytest -s)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def test_load(tmp_path):
-    server = Server(tmp_path / "data", "--max-queue", str(QUEUE))
+    server = Server(tmp_path / "data", "--max-queue", str(QUEUE), "--max-batch", "4")
     try:
         warmup, _ = asyncio.run(_load(server.url))  # the same load, first
         warm = server.rss_kib()

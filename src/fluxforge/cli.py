@@ -155,6 +155,7 @@ def run_serve(args: argparse.Namespace) -> int:
         grace=args.grace,
         retention=args.retention,
         keepalive=args.sse_keepalive,
+        max_batch=args.max_batch,
         cache_sizes={
             "prompts": args.cache_prompts,
             "latents": args.cache_latents,
@@ -395,6 +396,14 @@ def _parser() -> _Parser:
             metavar="MIB",
             help=f"cache of {what}, in MiB; 0 turns it off ({default})",
         )
+    srv.add_argument(
+        "--max-batch",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="run up to N waiting text-to-image jobs of the same shape as one batch (1: off; each image "
+        "stays its seed's, up to batched rounding)",
+    )
     srv.add_argument("--sse-keepalive", type=_duration, default=15.0, metavar="T", help=argparse.SUPPRESS)
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 

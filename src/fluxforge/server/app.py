@@ -72,6 +72,7 @@ class Settings:
     retention: float = 7 * 24 * 3600.0  # s finished jobs and their files are kept
     keepalive: float = 15.0  # s between SSE keep-alive comments
     cache_sizes: dict[str, int] | None = None  # bytes per cache (fluxforge.cache); None: the defaults
+    max_batch: int = 1  # compatible waiting text-to-image jobs run as one batch of up to this many
 
     def capabilities(self) -> dict[str, int]:
         return {
@@ -97,7 +98,12 @@ class Service:
         self.base_url = ""  # set from the first request; webhooks use it for absolute URLs
         self.webhooks = Webhooks(self.jobs, settings.webhook_secret, lambda job: job_json(job, self.base_url))
         self.worker: Worker = LocalWorker(
-            self.jobs, load or self._load, settings.limits, on_final=self._final, on_claim=self.queue_moved
+            self.jobs,
+            load or self._load,
+            settings.limits,
+            on_final=self._final,
+            on_claim=self.queue_moved,
+            max_batch=settings.max_batch,
         )
         self._positions: dict[str, int | None] = {}  # the queue position last told to each queued job
         self.draining = False

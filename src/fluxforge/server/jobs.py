@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +209,23 @@ class JobStore:
             )
         return self.get(row[0])
 
+    def claim_matching(self, match: Callable[[Job], bool], limit: int, scan: int = 64) -> list[Job]:
+        """Up to `limit` more queued jobs for which `match` holds (the oldest first, among the first `scan`
+        waiting), now running: the companions of a batch."""
+        if limit <= 0:
+            return []
+        with self._transaction() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT ?", (scan,))
+            chosen = [row["id"] for row in rows.fetchall() if match(_job(row))][:limit]
+            now = time.time()
+            for job_id in chosen:
+                db.execute(
+                    "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, step = 0 "
+                    "WHERE id = ? AND status = 'queued'",
+                    (now, job_id),
+                )
+        return [job for job_id in chosen if (job := self.get(job_id)) is not None]
+
     def progress(self, job_id: str, step: int, total: int, event: int) -> None:
         with self._transaction() as db:
             db.execute(
@@ -248,13 +265,14 @@ class JobStore:
             )
             return cursor.rowcount == 1
 
-    def requeue(self, job_id: str) -> bool:
-        """A running job back to the queue, as a crash would leave it (its attempt is counted)."""
+    def requeue(self, job_id: str, count_attempt: bool = True) -> bool:
+        """A running job back to the queue, as a crash would leave it (its attempt counted), or, with
+        `count_attempt=False`, as if it had not started (a batch companion stopped by another's cancel)."""
         with self._transaction() as db:
             cursor = db.execute(
-                "UPDATE jobs SET status = 'queued', started_at = NULL, step = NULL, total = NULL "
-                "WHERE id = ? AND status = 'running'",
-                (job_id,),
+                "UPDATE jobs SET status = 'queued', started_at = NULL, step = NULL, total = NULL, "
+                "attempts = attempts - ? WHERE id = ? AND status = 'running'",
+                (0 if count_attempt else 1, job_id),
             )
             return cursor.rowcount == 1
 

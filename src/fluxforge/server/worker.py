@@ -10,6 +10,7 @@ serving the next one.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gc
 import hashlib
 import hmac
@@ -22,7 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import torch
+
 from fluxforge import images
+from fluxforge.conditioning import draw_noise
 from fluxforge.errors import GenerationCancelled
 from fluxforge.pipeline import GenerationRequest, GenerationResult, Pipeline
 from fluxforge.preview import Previewer
@@ -109,6 +113,7 @@ class LocalWorker:
         limits: Limits,
         on_final: Callable[[Job], None] = lambda job: None,
         on_claim: Callable[[], None] = lambda: None,
+        max_batch: int = 1,
     ) -> None:
         self.jobs, self._load, self.limits = jobs, load, limits
         self.on_final, self.on_claim = on_final, on_claim
@@ -121,6 +126,8 @@ class LocalWorker:
         self.metrics = Metrics()
         self._cancel = threading.Event()
         self._cancel_wanted: set[str] = set()
+        self._batch: tuple[str, ...] = ()  # the ids of the jobs running now
+        self.max_batch = max_batch
         self._requeue = False  # the running job stops because the server does: back to the queue
         self._accepting = True
         self._thread = threading.Thread(target=self._main, name="fluxforge-worker", daemon=True)
@@ -153,9 +160,10 @@ class LocalWorker:
         }
 
     def cancel(self, job_id: str) -> bool:
-        """Stop the job at its next step (a job claimed but not yet started: before its first)."""
+        """Stop the job at its next step (a job claimed but not yet started: before its first). A job in a
+        batch stops the batch; its companions go back to the front of the queue."""
         self._cancel_wanted.add(job_id)
-        if self.running == job_id:
+        if job_id in self._batch:
             self._cancel.set()
             return True
         return False
@@ -192,74 +200,143 @@ class LocalWorker:
             if job is None:
                 self.jobs.wait_for_work(1.0)
                 continue
+            batch = [job]
+            key = batch_key(job)
+            if key is not None and self.max_batch > 1:
+                batch += self.jobs.store.claim_matching(
+                    lambda j, k=key: batch_key(j) == k, self.max_batch - 1
+                )
             self._idle.clear()
             try:
                 self.on_claim()
-                self._run(job)
+                self._run(batch)
             finally:
                 self.running = None
-                self._cancel_wanted.discard(job.id)
+                self._batch = ()
+                self._cancel_wanted.difference_update(j.id for j in batch)
                 self._idle.set()
 
-    def _run(self, job: Job) -> None:
+    def _run(self, batch: list[Job]) -> None:
         store, jobs = self.jobs.store, self.jobs
-        self.running = job.id
+        self.running, self._batch = batch[0].id, tuple(j.id for j in batch)
         self._cancel.clear()
-        if job.id in self._cancel_wanted:
+        if self._cancel_wanted.intersection(self._batch):
             self._cancel.set()
         started = time.perf_counter()
-        jobs.publish(job.id, "started", {"attempt": job.attempts})
-        folder = store.folder(job.id)
-        for stale in folder.glob("out-*"):  # a previous attempt's, cut short by a crash
-            stale.unlink()
-        outcome: tuple[str, dict[str, Any]]
+        for job in batch:
+            jobs.publish(job.id, "started", {"attempt": job.attempts, "batch_size": len(batch)})
+            for stale in store.folder(job.id).glob("out-*"):  # a previous attempt's, cut short by a crash
+                stale.unlink()
+        outcomes: dict[str, tuple[str, dict[str, Any]]] = {}
         try:
-            request = read_request(job, folder)
-            result = self.pipeline.run(request, on_step=self._on_step(job), cancel=self._cancel)
-            saved = save_outputs(result, folder, job.options)
-            info = _json_safe(result.info)
-            del result
-            outcome = ("succeeded", {"result": {"images": saved, "info": info}})
+            request = self._request(batch)
+            # Each job passed the limits on arrival; together they may hold more images than one request.
+            images = len(batch) * batch[0].options["images"]
+            self.pipeline.limits = dataclasses.replace(
+                self.limits, max_images=max(self.limits.max_images, images)
+            )
+            try:
+                result = self.pipeline.run(request, on_step=self._on_step(batch), cancel=self._cancel)
+            finally:
+                self.pipeline.limits = self.limits
+            for job, part in zip(batch, split(result, len(batch)), strict=True):
+                if len(batch) > 1:  # its noise came from its own seeds, as the request says
+                    part.seeds = [job.params["seed"] + b for b in range(len(part.images))]
+                saved = save_outputs(part, store.folder(job.id), job.options)
+                outcomes[job.id] = ("succeeded", {"result": {"images": saved, "info": _json_safe(part.info)}})
+            del result, part
         except GenerationCancelled as exc:
-            if self._requeue:
-                store.requeue(job.id)
-                return
-            outcome = ("canceled", {"error": {"code": "canceled", "message": str(exc), "param": None}})
+            for job in batch:
+                if self._requeue:
+                    store.requeue(job.id)
+                elif job.id in self._cancel_wanted:
+                    error = {"code": "canceled", "message": str(exc), "param": None}
+                    outcomes[job.id] = ("canceled", {"error": error})
+                else:  # stopped because a batch companion was canceled: it runs again, uncounted
+                    store.requeue(job.id, count_attempt=False)
+                    jobs.publish(job.id, "queued", {"queue_position": 0}, persist=False)
         except Exception as exc:
-            outcome = ("failed", {"error": _failure(exc, job)})
+            for job in batch:
+                outcomes[job.id] = ("failed", {"error": _failure(exc, job)})
         finally:
             gc.collect()  # the step tensors sit in reference cycles with the traceback; release them now
-        status, fields = outcome
-        if store.finish(job.id, status, **fields):
-            self.metrics.job(time.perf_counter() - started)
-            final = store.get(job.id)
-            payload = {"status": status, **fields}
-            jobs.publish(job.id, {"succeeded": "completed"}.get(status, status), payload)
-            self.on_final(final)
+        for job in batch:
+            if job.id not in outcomes:
+                continue
+            status, fields = outcomes[job.id]
+            if store.finish(job.id, status, **fields):
+                self.metrics.job(time.perf_counter() - started)
+                payload = {"status": status, **fields}
+                jobs.publish(job.id, {"succeeded": "completed"}.get(status, status), payload)
+                self.on_final(store.get(job.id))
 
-    def _on_step(self, job: Job) -> Callable[[StepInfo], None]:
+    def _request(self, batch: list[Job]) -> GenerationRequest:
+        """One job's request; for a batch, its prompts together, each with the noise of its own seeds."""
+        first = read_request(batch[0], self.jobs.store.folder(batch[0].id))
+        if len(batch) == 1:
+            return first
+        pipe, n = self.pipeline, first.num_images
+        grid = pipe.pixels_per_token
+        shape = (n, pipe.transformer.config.in_channels, batch[0].options["height"] // grid,
+                 batch[0].options["width"] // grid)  # fmt: skip
+        noise = [draw_noise(shape, pipe.transformer.dtype, seeds=[j.params["seed"] + b for b in range(n)])
+                 for j in batch]  # fmt: skip
+        return dataclasses.replace(
+            first, prompt=[j.params["prompt"] for j in batch], seed=None, noise=torch.cat(noise)
+        )
+
+    def _on_step(self, batch: list[Job]) -> Callable[[StepInfo], None]:
         last = [time.perf_counter()]
         grid = self.pipeline.pixels_per_token
-        h, w = job.options["height"] // grid, job.options["width"] // grid  # the size validation resolved
+        job0 = batch[0]
+        h, w = job0.options["height"] // grid, job0.options["width"] // grid  # the size validation resolved
+        per_job = job0.options["images"]
 
         def on_step(info: StepInfo) -> None:
             now = time.perf_counter()
             self.metrics.step(now - last[0])
             last[0] = now
-            event = self.jobs.publish(
-                job.id, "progress", {"step": info.step, "total": info.total}, persist=False
-            )
-            self.jobs.store.progress(job.id, info.step, info.total, event)
-            if (
-                self.previewer is not None
-                and info.denoised is not None
-                and self.jobs.events.listening(job.id)
-            ):
-                jpeg = self.previewer.jpeg(info.denoised, h, w)
-                data = {"step": info.step, "total": info.total, "image": base64.b64encode(jpeg).decode()}
-                self.jobs.publish(job.id, "preview", data, persist=False)
+            for i, job in enumerate(batch):
+                event = self.jobs.publish(
+                    job.id, "progress", {"step": info.step, "total": info.total}, persist=False
+                )
+                self.jobs.store.progress(job.id, info.step, info.total, event)
+                if (
+                    self.previewer is not None
+                    and info.denoised is not None
+                    and self.jobs.events.listening(job.id)
+                ):
+                    jpeg = self.previewer.jpeg(info.denoised, h, w, index=i * per_job)
+                    data = {"step": info.step, "total": info.total, "image": base64.b64encode(jpeg).decode()}
+                    self.jobs.publish(job.id, "preview", data, persist=False)
 
         return on_step
+
+
+def batch_key(job: Job) -> tuple | None:
+    """What must be equal for jobs to run as one batch (text-to-image only, for now): everything that shapes
+    the computation; only prompts and seeds may differ. None: this job runs alone."""
+    p = job.params
+    if job.inputs or job.options.get("mode") != "text-to-image" or not isinstance(p.get("prompt"), str):
+        return None
+    o = job.options
+    return (o["width"], o["height"], o["steps"], o["images"], p.get("guidance"), p.get("negative_prompt"),
+            p.get("max_sequence_length"))  # fmt: skip
+
+
+def split(result: GenerationResult, parts: int) -> list[GenerationResult]:
+    """A batch's result as each job's own: its images and seeds, and its prompt in the info."""
+    if parts == 1:
+        return [result]
+    n = len(result.latents) // parts
+    prompts = result.info["prompt"]
+    out = []
+    for i in range(parts):
+        rows = slice(i * n, (i + 1) * n)
+        info = dict(result.info, prompt=prompts[i], batch_size=parts)
+        seeds = result.seeds[rows]
+        out.append(GenerationResult(result.images[rows], seeds, info, result.latents[rows]))
+    return out
 
 
 def _failure(exc: BaseException, job: Job) -> dict[str, Any]:

@@ -1,0 +1,72 @@
+"""Throughput of the server's worker with N compatible text-to-image requests waiting together, run one by
+one (--max-batch 1) and as one batch (--max-batch N), in process with the demo model.
+
+    python benchmarks/batching.py [--steps 12] [--repeats 3] [--size 64]
+
+N jobs are queued behind a short blocker job; the clock starts when the blocker ends and stops when all N
+have finished (medians of the repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import fluxforge as ff
+from fluxforge.server import Settings, create_app
+from fluxforge.server.protocol import JobBody, job_submission
+
+PROMPTS = ["a red circle on a blue background, top left", "a yellow star on a green background, center"]
+
+
+def run(pipe: ff.Pipeline, data: Path, n: int, max_batch: int, steps: int, size: int) -> float:
+    app = create_app(Settings(data=data, max_queue=64, max_batch=max_batch), load=lambda: pipe)
+    service = app.state.service
+    service.start()
+    while service.worker.state != "ready":
+        time.sleep(0.01)
+    blocker, _ = service.admit(job_submission(JobBody(prompt=PROMPTS[0], steps=20, seed=0)))
+    jobs = [
+        service.admit(
+            job_submission(JobBody(prompt=PROMPTS[i % 2], steps=steps, seed=i, width=size, height=size))
+        )[0]
+        for i in range(n)
+    ]
+    while not service.store.get(blocker.id).final:
+        time.sleep(0.001)
+    start = time.perf_counter()
+    while not all(service.store.get(j.id).final for j in jobs):
+        time.sleep(0.001)
+    seconds = time.perf_counter() - start
+    statuses = {service.store.get(j.id).status for j in jobs}
+    assert statuses == {"succeeded"}, statuses
+    service.stop()
+    service.store.close()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    pipe = ff.Pipeline.from_pretrained()
+    print(f"demo model, {args.size}x{args.size}, {args.steps} steps (CFG), medians of {args.repeats}")
+    print(f"{'waiting':>8s} {'one by one':>12s} {'batched':>12s} {'gain':>6s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (1, 2, 4, 8):
+            times = {}
+            for max_batch in (1, n):
+                runs = [run(pipe, Path(tmp) / f"{n}-{max_batch}-{r}", n, max_batch, args.steps, args.size)
+                        for r in range(args.repeats)]  # fmt: skip
+                times[max_batch] = statistics.median(runs)
+            alone, batched = times[1], times[n]
+            print(f"{n:8d} {n / alone:8.1f} im/s {n / batched:8.1f} im/s {alone / batched:5.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
