@@ -84,6 +84,21 @@ def build(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     return folder / "klein", folder / "kv"
 
 
+def model_options(parser: argparse.ArgumentParser, text_hidden: int) -> None:
+    """The checkpoint's shape, as `build` reads it."""
+    parser.add_argument("--heads", type=int, default=4, help="transformer heads of 128 channels")
+    parser.add_argument("--double", type=int, default=2, help="double-stream blocks")
+    parser.add_argument("--single", type=int, default=4, help="single-stream blocks")
+    parser.add_argument("--text-hidden", type=int, default=text_hidden, help="Qwen3 width")
+
+
+def quiet() -> None:
+    """No progress bars, and not diffusers' "guidance is ignored" notice for distilled models."""
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def picture(size: int, seed: int) -> PIL.Image.Image:
     """Smooth random colours, so that the VAE sees an image rather than pixel noise."""
     gen = torch.Generator().manual_seed(seed)
@@ -178,15 +193,10 @@ def main() -> None:
     )
     parser.add_argument("--size", type=int, default=256, help="output and reference side in pixels")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4, help="transformer heads of 128 channels")
-    parser.add_argument("--double", type=int, default=2, help="double-stream blocks")
-    parser.add_argument("--single", type=int, default=4, help="single-stream blocks")
-    parser.add_argument("--text-hidden", type=int, default=256, help="Qwen3 width")
+    model_options(parser, text_hidden=256)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    diffusers_logging.set_verbosity_error()  # its "guidance is ignored" notice for distilled models
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    quiet()
     dtype = fastest_dtype(args.dtype)
     refs = [picture(args.size, seed) for seed in range(4)]
     print(

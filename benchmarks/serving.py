@@ -24,10 +24,8 @@ from pathlib import Path
 
 import torch
 from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
-from diffusers.utils import logging as diffusers_logging
-from generate import TEXT_LAYERS, build, picture
+from generate import TEXT_LAYERS, build, model_options, picture, quiet
 from sidebyside import fastest_dtype, side_by_side
-from transformers.utils import logging as transformers_logging
 
 import fluxforge as ff
 
@@ -71,14 +69,9 @@ def main() -> None:
     parser.add_argument("--ref-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--double", type=int, default=2)
-    parser.add_argument("--single", type=int, default=4)
-    parser.add_argument("--text-hidden", type=int, default=384)
+    model_options(parser, text_hidden=384)
     args = parser.parse_args()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    quiet()
     dtype = fastest_dtype(args.dtype)
     refs = [picture(args.ref_size, seed) for seed in range(4)]
     print(

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxforge.request import Limits, Validator
 from fluxforge.server import protocol
+from fluxforge.server.events import Event
 from fluxforge.server.jobs import STATUSES, Job, Jobs, JobStore
 from fluxforge.server.protocol import (
     MEDIA_TYPES,
@@ -49,6 +50,7 @@ log = logging.getLogger("fluxforge.server")
 
 MODES = ["text-to-image", "references", "img2img", "inpaint"]
 WEB = Path(__file__).with_name("web")
+FINAL_EVENTS = ("completed", "failed", "canceled")  # the last event of every job
 
 
 @dataclass
@@ -148,12 +150,13 @@ class Service:
     def queue_moved(self) -> None:
         """Tell the subscribers of queued jobs their new place, when it changed (a job ahead of them started
         or was canceled)."""
-        for job in self.store.list("queued", limit=self.settings.max_queue + 1):
+        queued = self.store.list("queued", limit=self.settings.max_queue + 1)
+        for job in queued:
             if self._positions.get(job.id) != job.queue_position and self.jobs.events.listening(job.id):
                 self._positions[job.id] = job.queue_position
                 self.jobs.publish(job.id, "queued", {"queue_position": job.queue_position}, persist=False)
-        queued = {job.id for job in self.store.list("queued", limit=self.settings.max_queue + 1)}
-        for job_id in [k for k in self._positions if k not in queued]:
+        waiting = {job.id for job in queued}
+        for job_id in [k for k in self._positions if k not in waiting]:
             del self._positions[job_id]
 
     # ---------------------------------------------------------------------------------------------------
@@ -684,14 +687,15 @@ async def _read_upload(value: Any, param: str) -> bytes:
 async def _wait_final(service: Service, job_id: str, request: Request) -> Job:
     """Wait for a job to finish; cancel it if the client goes away first."""
     with service.jobs.events.subscribe(job_id, lambda: 0)[0] as sub:
-        while True:
-            job = service.store.get(job_id)
-            if job is not None and job.final:
-                return job
-            await sub.get(timeout=0.5)
+        job = service.store.get(job_id)
+        while not job.final:
+            event = await sub.get(timeout=0.5)
             if await request.is_disconnected():
                 service.cancel(job_id)
                 raise asyncio.CancelledError
+            if event is None or event.name in FINAL_EVENTS:  # the store, only when it may have changed
+                job = service.store.get(job_id)
+        return job
 
 
 async def _openai_call(service: Service, sub: Submission, request: Request, prefix: str) -> Any:
@@ -758,14 +762,13 @@ async def _openai_stream(service: Service, job: Job, prefix: str, base_url: str)
     finished = False
     try:
         sent = 0
-        while True:
-            current = service.store.get(job.id)
-            if current.final:
-                break
+        done = service.store.get(job.id).final
+        while not done:
             # No keep-alive comments here: once a stream has carried an `id:`, the official openai client
             # turns a comment's blank line into an event with empty data and fails to parse it.
             event = await sub.get(timeout=service.settings.keepalive)
             if event is None:
+                done = service.store.get(job.id).final
                 continue
             if event.name == "preview" and sent < wanted and event.data["step"] >= targets[sent]:
                 yield record(
@@ -778,7 +781,7 @@ async def _openai_stream(service: Service, job: Job, prefix: str, base_url: str)
                     },
                 )
                 sent += 1
-            if event.name in ("completed", "failed", "canceled"):
+            if event.name in FINAL_EVENTS:
                 break
         job = service.store.get(job.id)
         if job.status != "succeeded":
@@ -812,9 +815,7 @@ async def _job_stream(
 ) -> AsyncIterator[bytes]:
     """SSE of one job: a `state` event, what was missed after Last-Event-ID, then live events until the
     final one; a keep-alive comment every `keepalive` seconds."""
-    from fluxforge.server.events import Event
-
-    sub, missed, last = service.jobs.events.subscribe(job_id, lambda: _last_event(service, job_id), after)
+    sub, missed, last = service.jobs.events.subscribe(job_id, lambda: service.jobs.last_event(job_id), after)
     try:
         job = service.store.get(job_id)
         if job is None:
@@ -822,7 +823,7 @@ async def _job_stream(
         yield Event(max(last, job.last_event), "state", {"job": job_json(job, base_url)}).sse()
         for event in missed:
             yield event.sse()
-            if event.name in ("completed", "failed", "canceled"):
+            if event.name in FINAL_EVENTS:
                 return
         if job.final:
             name = {"succeeded": "completed"}.get(job.status, job.status)
@@ -836,7 +837,7 @@ async def _job_stream(
                     return
                 yield b": keep-alive\n\n"
                 continue
-            if event.name in ("completed", "failed", "canceled"):
+            if event.name in FINAL_EVENTS:
                 current = service.store.get(job_id)
                 result = job_json(current, base_url)["result"] if current else None
                 event = Event(event.id, event.name, {**event.data, "result": result})
@@ -845,11 +846,6 @@ async def _job_stream(
             yield event.sse()
     finally:
         sub.close()
-
-
-def _last_event(service: Service, job_id: str) -> int:
-    job = service.store.get(job_id)
-    return job.last_event if job else 0
 
 
 async def _janitor(service: Service) -> None:

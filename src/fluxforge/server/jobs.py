@@ -130,34 +130,26 @@ class JobStore:
     def new_id(self) -> str:
         return "job_" + uuid.uuid4().hex
 
-    def insert(self, job: Job) -> tuple[Job, bool]:
-        """Store a new queued job (its input files already written to `folder(job.id)`); returns it and True,
-        or, for an idempotency key already used, the existing job and False."""
-        existing = None
+    def insert(self, job: Job) -> Job:
+        """Store a new queued job (its input files already written to `folder(job.id)`)."""
         with self._transaction() as db:
-            if job.idempotency_key is not None:
-                row = db.execute("SELECT id FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,))
-                existing = row.fetchone()
-            if existing is None:
-                cursor = db.execute(
-                    "INSERT INTO jobs (id, kind, status, params, inputs, options, created_at, "
-                    "idempotency_key, body_hash, webhook_url) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        job.id,
-                        job.kind,
-                        json.dumps(job.params),
-                        json.dumps(job.inputs),
-                        json.dumps(job.options),
-                        job.created_at,
-                        job.idempotency_key,
-                        job.body_hash,
-                        job.webhook_url,
-                    ),
-                )
-                job.seq, job.status = cursor.lastrowid, "queued"
-        if existing is not None:
-            return self.get(existing[0]), False
-        return job, True
+            cursor = db.execute(
+                "INSERT INTO jobs (id, kind, status, params, inputs, options, created_at, "
+                "idempotency_key, body_hash, webhook_url) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.id,
+                    job.kind,
+                    json.dumps(job.params),
+                    json.dumps(job.inputs),
+                    json.dumps(job.options),
+                    job.created_at,
+                    job.idempotency_key,
+                    job.body_hash,
+                    job.webhook_url,
+                ),
+            )
+            job.seq, job.status = cursor.lastrowid, "queued"
+        return job
 
     def by_key(self, key: str) -> Job | None:
         """The job created with this Idempotency-Key, if any."""
@@ -324,32 +316,16 @@ class JobStore:
         return [r[0] for r in rows]
 
 
-def _job(row: sqlite3.Row) -> Job:
-    def loads(value: str | None) -> Any:
-        return None if value is None else json.loads(value)
+_JSON_COLUMNS = ("params", "inputs", "options", "result", "error")
 
-    return Job(
-        id=row["id"],
-        seq=row["seq"],
-        kind=row["kind"],
-        status=row["status"],
-        params=json.loads(row["params"]),
-        inputs=json.loads(row["inputs"]),
-        options=json.loads(row["options"]),
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        attempts=row["attempts"],
-        step=row["step"],
-        total=row["total"],
-        last_event=row["last_event"],
-        result=loads(row["result"]),
-        error=loads(row["error"]),
-        idempotency_key=row["idempotency_key"],
-        body_hash=row["body_hash"],
-        webhook_url=row["webhook_url"],
-        webhook_pending=bool(row["webhook_pending"]),
-    )
+
+def _job(row: sqlite3.Row) -> Job:
+    """A row as a Job: the columns are the Job's fields, five of them JSON."""
+    fields = dict(row)
+    for name in _JSON_COLUMNS:
+        fields[name] = None if fields[name] is None else json.loads(fields[name])
+    fields["webhook_pending"] = bool(fields["webhook_pending"])
+    return Job(**fields)
 
 
 class QueueFull(Exception):
@@ -374,22 +350,22 @@ class Jobs:
                 return existing, False
             if self.store.count("queued") >= self.max_queue:
                 raise QueueFull(self.max_queue)
-            job, created = self.store.insert(job)
-        if created:
-            self.publish(job.id, "queued", {"queue_position": self.store.get(job.id).queue_position})
-            with self._wake:
-                self._wake.notify_all()
-        return self.store.get(job.id), created
+            self.store.insert(job)
+        stored = self.store.get(job.id)
+        self.publish(job.id, "queued", {"queue_position": stored.queue_position})
+        self.wake()
+        return stored, True
 
     def publish(self, job_id: str, name: str, data: dict[str, Any], persist: bool = True) -> int:
         """Send an event to the job's subscribers; returns its id. Ids continue from the store's record,
         so they keep increasing across restarts."""
-        event_id = self.events.publish(job_id, name, data, start=lambda: self._last_event(job_id))
+        event_id = self.events.publish(job_id, name, data, start=lambda: self.last_event(job_id))
         if persist:
             self.store.set_event(job_id, event_id)
         return event_id
 
-    def _last_event(self, job_id: str) -> int:
+    def last_event(self, job_id: str) -> int:
+        """The id of the job's latest event on record (0 for none)."""
         job = self.store.get(job_id)
         return job.last_event if job else 0
 

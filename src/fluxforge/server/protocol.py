@@ -184,20 +184,24 @@ class Submission:
     names: Names = PYTHON_NAMES
     webhook_url: str | None = None
 
-    def request(self, **overrides: Any) -> GenerationRequest:
-        fields = {k: v for k, v in self.params.items() if v is not None} | overrides
-        return GenerationRequest(
-            references=tuple(self.inputs.get("references", ())),
-            init_image=self.inputs.get("init_image"),
-            mask=self.inputs.get("mask"),
-            **fields,
-        )
+    def request(self) -> GenerationRequest:
+        return to_request(self.params, self.inputs)
 
     @property
     def mode(self) -> str:
         if "init_image" not in self.inputs:
             return "references" if self.inputs.get("references") else "text-to-image"
         return "inpaint" if "mask" in self.inputs else "img2img"
+
+
+def to_request(params: Mapping[str, Any], inputs: Mapping[str, Any]) -> GenerationRequest:
+    """Stored fields (None: not given) and encoded images by slot -> the request they stand for."""
+    return GenerationRequest(
+        references=tuple(inputs.get("references") or ()),
+        init_image=inputs.get("init_image"),
+        mask=inputs.get("mask"),
+        **{k: v for k, v in params.items() if v is not None},
+    )
 
 
 def job_submission(body: JobBody) -> Submission:
@@ -230,7 +234,7 @@ def generation_submission(body: ImageGenerationBody) -> Submission:
         "negative_prompt": body.negative_prompt,
     }
     names = _size_into(params, body.size, body.width, body.height)
-    return Submission("generation", params, {}, _openai_options(body), names)
+    return Submission("generation", params, {}, _openai_options(body.model_dump()), names)
 
 
 def edit_submission(
@@ -278,25 +282,7 @@ def edit_submission(
     for j in range(len(rest)):
         renames[f"references[{j}]"] = image_name(j + offset)
     renames["references"] = "image[]"
-    options = _openai_options(
-        _OpenAIOptions(
-            response_format=fields.get("response_format"),
-            output_format=fields.get("output_format"),
-            output_compression=fields.get("output_compression"),
-            stream=fields.get("stream"),
-            partial_images=fields.get("partial_images"),
-        )
-    )
-    return Submission("edit", params, inputs, options, Names(renames))
-
-
-@dataclass
-class _OpenAIOptions:
-    response_format: str | None
-    output_format: str | None
-    output_compression: int | None
-    stream: bool | None
-    partial_images: int | None
+    return Submission("edit", params, inputs, _openai_options(fields), Names(renames))
 
 
 _EDIT_FIELDS: dict[str, Any] = {
@@ -361,13 +347,14 @@ def _form_value(form: Mapping[str, Any], name: str, kind: Any) -> Any:
     return number
 
 
-def _openai_options(body: Any) -> dict[str, Any]:
+def _openai_options(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """How to answer an OpenAI call, from its (parsed) fields."""
     return {
-        "response_format": body.response_format or "b64_json",
-        "output_format": body.output_format or "png",
-        "output_compression": body.output_compression,
-        "stream": bool(body.stream),
-        "partial_images": body.partial_images or 0,
+        "response_format": fields.get("response_format") or "b64_json",
+        "output_format": fields.get("output_format") or "png",
+        "output_compression": fields.get("output_compression"),
+        "stream": bool(fields.get("stream")),
+        "partial_images": fields.get("partial_images") or 0,
     }
 
 

@@ -30,9 +30,10 @@ from fluxforge.conditioning import draw_noise
 from fluxforge.errors import GenerationCancelled
 from fluxforge.pipeline import GenerationRequest, GenerationResult, Pipeline
 from fluxforge.preview import Previewer
-from fluxforge.request import Limits, ModelSpec
+from fluxforge.request import Limits, ModelSpec, param_of
 from fluxforge.sampling import StepInfo
 from fluxforge.server.jobs import Job, Jobs
+from fluxforge.server.protocol import to_request
 
 log = logging.getLogger("fluxforge.server")
 
@@ -75,14 +76,13 @@ class Metrics:
 
 def read_request(job: Job, folder: Any) -> GenerationRequest:
     """The stored job as the request it was admitted as (its input files read back)."""
-    params = {k: v for k, v in job.params.items() if v is not None}
-    inputs: dict[str, Any] = {}
-    if job.inputs.get("references"):
-        inputs["references"] = tuple((folder / name).read_bytes() for name in job.inputs["references"])
-    for slot in ("init_image", "mask"):
-        if job.inputs.get(slot):
-            inputs[slot] = (folder / job.inputs[slot]).read_bytes()
-    return GenerationRequest(**params, **inputs)
+    inputs = {
+        slot: [(folder / n).read_bytes() for n in names]
+        if isinstance(names, list)
+        else (folder / names).read_bytes()
+        for slot, names in job.inputs.items()
+    }
+    return to_request(job.params, inputs)
 
 
 def save_outputs(result: GenerationResult, folder: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -346,8 +346,6 @@ def _failure(exc: BaseException, job: Job) -> dict[str, Any]:
         log.error("job %s ran out of memory: %s", job.id, exc)
         return {"code": "out_of_memory", "message": f"the device ran out of memory: {exc}", "param": None}
     if isinstance(exc, (ValueError, TypeError)):
-        from fluxforge.request import param_of
-
         return {"code": "invalid_request", "message": str(exc), "param": param_of(exc)}
     if isinstance(exc, (RuntimeError, OSError)) and any(w in str(exc) for w in ("CUDA", "device", "MPS")):
         log.error("job %s hit a device error: %s", job.id, exc)
