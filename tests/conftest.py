@@ -6,12 +6,16 @@ fluxforge picks the same ones by itself for an encoder of unofficial size (no te
 
 from __future__ import annotations
 
+import diffusers
 import PIL.Image
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tiny import TINY_DIT, tiny_diffusers_transformer, tiny_diffusers_vae
 from tiny_text import qwen3_tokenizer, randomize_, tiny_qwen3_config
 from transformers import Qwen3ForCausalLM
+
+from fluxforge import compat
 
 TOL = 1e-5  # fp32 parity: the largest absolute difference allowed in latents
 TEXT_DEPTH = 28  # decoder layers of the tiny Qwen3
@@ -45,3 +49,37 @@ def picture(width: int, height: int, seed: int) -> PIL.Image.Image:
     gen = torch.Generator().manual_seed(seed)
     data = (torch.rand(height, width, 3, generator=gen) * 255).to(torch.uint8).numpy()
     return PIL.Image.fromarray(data)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusers' klein pipelines saved to folders, each with the facade loaded from it (one per test module)
+
+
+def saved(theirs, folder, facade):
+    theirs.save_pretrained(folder)
+    return theirs, facade.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def klein(tmp_path_factory):
+    theirs = diffusers.Flux2KleinPipeline(**parts(), is_distilled=True)
+    return saved(theirs, tmp_path_factory.mktemp("klein"), compat.Flux2KleinPipeline)
+
+
+@pytest.fixture(scope="module")
+def klein_base(tmp_path_factory):
+    theirs = diffusers.Flux2KleinPipeline(**parts())
+    return saved(theirs, tmp_path_factory.mktemp("base"), compat.Flux2KleinPipeline)
+
+
+@pytest.fixture(scope="module")
+def kv(tmp_path_factory):
+    return saved(
+        diffusers.Flux2KleinKVPipeline(**parts()), tmp_path_factory.mktemp("kv"), compat.Flux2KleinKVPipeline
+    )
+
+
+@pytest.fixture(scope="module")
+def inpaint(tmp_path_factory):
+    theirs = diffusers.Flux2KleinInpaintPipeline(**parts())  # a base model: guidance_scale 8 runs CFG
+    return saved(theirs, tmp_path_factory.mktemp("inpaint"), compat.Flux2KleinInpaintPipeline)

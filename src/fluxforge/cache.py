@@ -45,7 +45,8 @@ def content_hash(tensor: Tensor) -> str:
     data = tensor.detach().contiguous().cpu()
     digest = hashlib.blake2b(digest_size=20)
     digest.update(f"{tuple(data.shape)}|{data.dtype}|".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    flat = data.reshape(-1)  # 0-d tensors have no byte view
+    digest.update(flat.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 
 

@@ -20,19 +20,29 @@ Deliberate differences from diffusers:
   * Reference images may be numpy arrays or tensors as well as PIL images (diffusers documents them but
     only takes PIL). References, the init image and the mask (one each) are shared by the whole batch.
   * fluxforge builds only the text-encoder layers it reads: a call with other `text_encoder_out_layers`
-    rebuilds the text encoder for them from the files once (logged). `attention_kwargs`,
-    `padding_mask_crop`, caption upsampling and callbacks that replace tensors raise NotImplementedError
-    instead of being half supported.
+    rebuilds the text encoder for them from the files once (logged). `attention_kwargs` other than the
+    LoRA `scale`, `padding_mask_crop`, caption upsampling and callbacks that replace tensors raise
+    NotImplementedError instead of being half supported.
+  * `pipe("a prompt", image=ref)` (diffusers' own KV example, which fails there with "multiple values for
+    argument 'image'") says that the first positional argument is image= and to pass prompt= by name.
   * `from_pretrained` takes `Pipeline.from_pretrained`'s arguments, with `torch_dtype=` as the older name of
     `dtype=` and diffusers' default dtypes, and checks that the model is one the class runs.
-    `pipe.to(device, dtype)`, `pipe.device` and `pipe.dtype` work as there; CPU
-    offloading (`enable_model_cpu_offload`) raises NotImplementedError.
+    `pipe.to(device, dtype)`, `pipe.device` and `pipe.dtype` work as there.
+
+The parts ported code reaches for are there with diffusers' meaning, backed by fluxforge's objects:
+`pipe.transformer`, `.vae`, `.text_encoder`, `.tokenizer` (fluxforge's networks), `.scheduler` (timesteps and
+sigmas of the last call), `.image_processor` and the inpainting pipeline's `.mask_processor` (preprocess,
+postprocess, blur), `.vae_scale_factor`, `.components`, `.interrupt` (set `pipe._interrupt = True` in a
+callback to stop and decode), `.num_timesteps`, `.guidance_scale`, `.do_classifier_free_guidance`,
+`set_progress_bar_config`, `enable_model_cpu_offload` (fluxforge.offload) and the LoRA loader methods
+(`load_lora_weights`, `set_adapters`, `fuse_lora`, ...; fluxforge.lora reads every trainer's layout).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
@@ -45,6 +55,7 @@ import PIL.Image
 import torch
 from torch import Tensor
 
+from fluxforge.compat_parts import FlowMatchScheduler, ImageProcessor, LoraMethods
 from fluxforge.config import Variant
 from fluxforge.images import ImageInput
 from fluxforge.model.autoencoder import unpack, unpatchify
@@ -125,19 +136,43 @@ class Flux2PipelineOutput:
 Facade = TypeVar("Facade", bound="_Facade")
 # What diffusers 0.42.1 loads without torch_dtype: its own models in float32, transformers' as stored.
 _DIFFUSERS_DTYPES = {"transformer": torch.float32, "vae": torch.float32, "text_encoder": "stored"}
-_NO_OFFLOAD = (
-    "fluxforge.compat does not offload networks to the CPU between calls: load the model on one device "
-    "(from_pretrained(path, device='cuda') or pipe.to('cuda')), in bfloat16 to halve its memory"
+_NO_SEQUENTIAL = (
+    "enable_sequential_cpu_offload: fluxforge offloads whole networks, not layer by layer; use "
+    "pipe.enable_model_cpu_offload() (each network on the accelerator only while it runs)"
+)
+_PROMPT_FIRST = (
+    "{name}({prompt!r:.50}, image=...) passes the prompt as the first positional argument, which is "
+    "image= in diffusers' FLUX.2 pipelines, so image is given twice (diffusers fails here too, with "
+    "'multiple values for argument image'); pass the prompt by name: pipe(prompt={prompt!r:.50}, image=...)"
 )
 
 
-class _Facade:
+class _Facade(LoraMethods):
     """Loading, the checks every diffusers FLUX.2 pipeline makes, running one request, shaping the result."""
 
     families: ClassVar[tuple[str, ...]]  # Variant.family values this class runs
     packed_latents: ClassVar[bool] = False  # output_type="latent": packed tokens (dev) or raw VAE latents
     hints: ClassVar[dict[str, str]] = {}  # names of other pipelines' arguments -> what to do instead
     other_use: ClassVar[str] = ""  # ends the wrong-model error: another way to use such a model
+    image_first: ClassVar[bool] = True  # image= is the first positional argument of __call__
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = list(_CALLBACK_TENSORS)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each facade's `__call__` (the diffusers signature) behind one check Python would answer with a
+        bare TypeError: a prompt passed positionally beside image=."""
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is None or not cls.image_first:
+            return
+
+        @functools.wraps(call)
+        def checked_call(self: _Facade, *args: Any, **kwargs: Any) -> Any:
+            if args and "image" in kwargs and isinstance(args[0], str):
+                raise TypeError(_PROMPT_FIRST.format(name=type(self).__name__, prompt=args[0]))
+            return call(self, *args, **kwargs)
+
+        cls.__call__ = checked_call  # type: ignore[method-assign]
 
     def __init__(self, pipeline: Pipeline) -> None:
         if not isinstance(pipeline, Pipeline):
@@ -154,6 +189,97 @@ class _Facade:
                 f"{_REFERENCE_CLASS.get(family, 'Pipeline')}{self.other_use}"
             )
         self.pipeline = pipeline
+        vae = pipeline.vae
+        self.vae_scale_factor = vae.config.spatial_scale
+        self.image_processor = ImageProcessor(self.vae_scale_factor * 2)
+        self.scheduler = FlowMatchScheduler(pipeline.variant.scheduler)
+        self._progress: dict[str, Any] = {}
+        self._interrupt = False
+        self._num_timesteps: int | None = None
+        self._guidance_scale: float | None = None
+        self._current_timestep: Tensor | None = None
+        self._attention_kwargs: dict[str, Any] | None = None
+
+    # -- diffusers' attributes ---------------------------------------------------------------------------
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipeline.transformer
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipeline.vae
+
+    @property
+    def text_encoder(self) -> torch.nn.Module | None:
+        return self.pipeline.components.text_encoder
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.pipeline.components.tokenizer
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {
+            "scheduler": self.scheduler,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "transformer": self.transformer,
+        }
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (in a step callback) to skip the remaining steps, as in diffusers."""
+        return self._interrupt
+
+    @property
+    def num_timesteps(self) -> int | None:
+        return self._num_timesteps
+
+    @property
+    def guidance_scale(self) -> float | None:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """klein's rule: guidance_scale > 1 on a model that is not guidance-distilled."""
+        cfg = self.pipeline.variant.defaults.guidance_mode == "cfg"
+        return cfg and self._guidance_scale is not None and self._guidance_scale > 1
+
+    @property
+    def current_timestep(self) -> Tensor | None:
+        return self._current_timestep
+
+    @property
+    def attention_kwargs(self) -> dict[str, Any] | None:
+        return self._attention_kwargs
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """tqdm's options for the step bar of later calls (disable=True: none), as in diffusers."""
+        self._progress = dict(kwargs)
+
+    def progress_bar(self, iterable: Any = None, total: int | None = None) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, **self._progress)
+
+    def enable_model_cpu_offload(
+        self, gpu_id: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        """Each network on the accelerator only while it runs (fluxforge.offload); on a machine without
+        one this changes nothing and says so once."""
+        if device is None and gpu_id is not None:
+            device = torch.device("cuda", gpu_id)
+        self.pipeline.enable_offload(device)
+
+    def enable_sequential_cpu_offload(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(_NO_SEQUENTIAL)
+
+    def maybe_free_model_hooks(self) -> None:
+        """Nothing to free: fluxforge's offload moves each network back after its stage."""
+
+    # -----------------------------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(
@@ -213,12 +339,6 @@ class _Facade:
         self.pipeline.to(device, dtype)
         return self
 
-    def enable_model_cpu_offload(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(_NO_OFFLOAD)
-
-    def enable_sequential_cpu_offload(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(_NO_OFFLOAD)
-
     # -----------------------------------------------------------------------------------------------------
 
     def _checked(self, call: dict[str, Any]) -> dict[str, Any]:
@@ -232,10 +352,10 @@ class _Facade:
         attention_kwargs, output_type = call["attention_kwargs"], call["output_type"]
         callback = call["callback_on_step_end"]
         callback_inputs = call["callback_on_step_end_tensor_inputs"]
-        if attention_kwargs:
+        if attention_kwargs and set(attention_kwargs) - {"scale"}:
             raise NotImplementedError(
-                f"attention_kwargs={attention_kwargs!r}: fluxforge has no attention processors or LoRA "
-                "scales to pass them to; leave attention_kwargs out"
+                f"attention_kwargs={attention_kwargs!r}: fluxforge has no attention processors to pass them "
+                "to; only the LoRA scale ({'scale': s}) is taken"
             )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(
@@ -269,8 +389,17 @@ class _Facade:
             generator=call["generator"],
             sigmas=call["sigmas"],
             decode=call["output_type"] != "latent",
+            loras=self._call_loras(call["attention_kwargs"]),
             **mode,
         )
+
+    def _call_loras(self, attention_kwargs: dict[str, Any] | None) -> dict[str, float] | None:
+        """attention_kwargs={"scale": s}: the active adapters at s times their scales, for this call."""
+        self._attention_kwargs = attention_kwargs
+        if not attention_kwargs or "scale" not in attention_kwargs:
+            return None
+        s = attention_kwargs["scale"]
+        return {name: scale * s for name, scale in self.pipeline.loras.active.items()}
 
     def _use_text_layers(self, layers: tuple[int, ...]) -> None:
         """diffusers reads any hidden states at call time; fluxforge builds only the layers it reads, so other
@@ -321,23 +450,49 @@ class _Facade:
 
     def _run(self, request: GenerationRequest, call: dict[str, Any]) -> GenerationResult:
         callback, callback_inputs = call["callback_on_step_end"], call["callback_on_step_end_tensor_inputs"]
-        on_step = None if callback is None else self._step_callback(request, callback, callback_inputs)
-        return self.pipeline.run(request, on_step=on_step)
-
-    def _step_callback(
-        self, request: GenerationRequest, callback: StepCallback, names: Sequence[str]
-    ) -> Callable[[StepInfo], None]:
-        """`callback_on_step_end(pipe, i, t, {"latents": ...})` as diffusers calls it: i counts the steps
-        this call runs from 0, t is the scheduler timestep (sigma x 1000) and latents are packed [B, S, C]."""
-        timesteps: list[Tensor] = []  # the schedule's, found on the first step from the token count
+        self._interrupt, self._num_timesteps = False, None
+        self._guidance_scale = call.get("guidance_scale")
+        timesteps: list[Tensor] = []  # this call's, found on the first step from the token count
+        user = None if callback is None else self._step_callback(timesteps, callback, callback_inputs)
+        bar: Any = None
 
         def on_step(info: StepInfo) -> None:
+            nonlocal bar
             if not timesteps:
                 sigmas = list(request.sigmas) if request.sigmas else None
                 schedule = make_schedule(
                     request.steps, info.latents.shape[1], self.pipeline.variant.scheduler, sigmas
                 )
+                self.scheduler.use(schedule, info.latents.device)
                 timesteps.extend(schedule.timesteps[schedule.num_steps - info.total :])
+                self._num_timesteps = info.total
+                bar = None if self._progress.get("disable") else self._bar(info.total)
+            self._current_timestep = timesteps[info.step - 1]
+            if user is not None:
+                user(info)
+            if bar is not None:
+                bar.update()
+
+        try:
+            return self.pipeline.run(request, on_step=on_step, stop=lambda: self._interrupt)
+        finally:
+            self._current_timestep = None
+            if bar is not None:
+                bar.close()
+
+    def _bar(self, total: int) -> Any:
+        try:
+            return self.progress_bar(total=total)
+        except ImportError:  # tqdm is not a dependency of fluxforge: no bar without it
+            return None
+
+    def _step_callback(
+        self, timesteps: list[Tensor], callback: StepCallback, names: Sequence[str]
+    ) -> Callable[[StepInfo], None]:
+        """`callback_on_step_end(pipe, i, t, {"latents": ...})` as diffusers calls it: i counts the steps
+        this call runs from 0, t is the scheduler timestep (sigma x 1000) and latents are packed [B, S, C]."""
+
+        def on_step(info: StepInfo) -> None:
             returned = callback(
                 self, info.step - 1, timesteps[info.step - 1], {k: info.latents for k in names}
             )
@@ -572,6 +727,13 @@ class Flux2KleinInpaintPipeline(_Facade):
     families = ("flux.2-klein", "flux.2-klein-base")
     hints = {**_SOURCE_HINTS, "mask": "the mask is mask_image= (white = repaint, black = keep)"}
     other_use = f" for references, or inpaint with {_INPAINT_FIX}"
+    image_first = False  # prompt= comes first here
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        super().__init__(pipeline)
+        self.mask_processor = ImageProcessor(
+            self.vae_scale_factor * 2, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
 
     def __call__(
         self,

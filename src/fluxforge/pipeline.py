@@ -17,11 +17,12 @@ references, init image and mask are shared by the whole batch. Image b is drawn 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,11 @@ from fluxforge.conditioning import ReferenceTokens, draw_noise, encode_reference
 from fluxforge.config import Variant
 from fluxforge.demo import DEMO_NOTICE, DEMO_PATH
 from fluxforge.dtypes import DtypeRule, resolve_dtype
+from fluxforge.lora import LoraAdapter, LoraSet, read_lora
 from fluxforge.model.autoencoder import AutoEncoder, pack
 from fluxforge.model.text import TextEmbeddings, encode_prompts, text_ids
 from fluxforge.model.transformer import Flux2Transformer, ReferenceKV
+from fluxforge.offload import Offload, accelerator, say_no_accelerator
 from fluxforge.request import GenerationRequest, Limits, ModelSpec, Plan, Validator, reject_unknown
 from fluxforge.sampling import StepInfo, add_noise, denoise, make_schedule, start_step
 from fluxforge.weights import Components, load
@@ -100,6 +103,9 @@ class Pipeline:
         # peak memory of one 512 x 512 tile instead of the whole image, within a stated tolerance of the
         # untiled result. None: never.
         self.tile_above_pixels: int | None = 2 * 1024 * 1024
+        # LoRA / LoKr adapters of the transformer (fluxforge.lora): load_lora, set_loras, fuse_loras, ...
+        self.loras = LoraSet(self.transformer)
+        self.offload: Offload | None = None  # enable_offload: networks on the CPU between their stages
 
     @classmethod
     def from_pretrained(
@@ -134,7 +140,30 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         """Where the transformer runs; inputs are moved there, outputs stay there (PIL images aside)."""
+        if self.offload is not None:
+            return self.offload.device
         return next(self.transformer.parameters()).device
+
+    def enable_offload(self, device: torch.device | str | None = None) -> bool:
+        """Keep every network on the CPU and move each to `device` (default: the accelerator there is)
+        only for the stage that runs it (fluxforge.offload). Where there is no accelerator this changes
+        nothing, says so once, and returns False."""
+        target = accelerator() if device is None else torch.device(device)
+        if target is None:
+            say_no_accelerator()
+            return False
+        self.offload = Offload(target)
+        self.to("cpu")
+        return True
+
+    def disable_offload(self) -> None:
+        """Every network back on the offload device, to stay there."""
+        if self.offload is not None:
+            target, self.offload = self.offload.device, None
+            self.to(target)
+
+    def _stage(self, module: torch.nn.Module | None) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.offload is None else self.offload.using(module)
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
@@ -162,7 +191,11 @@ class Pipeline:
     def spec(self) -> ModelSpec:
         """The facts of this model that request validation needs (no weights)."""
         return ModelSpec(
-            self.variant, self.pixels_per_token, self.transformer.config.in_channels, self.default_size
+            self.variant,
+            self.pixels_per_token,
+            self.transformer.config.in_channels,
+            self.default_size,
+            tuple(self.loras.loaded),
         )
 
     def validate(self, request: GenerationRequest) -> Plan:
@@ -212,6 +245,34 @@ class Pipeline:
         )
         return self.run(request, on_step=on_step, cancel=cancel)
 
+    # -- LoRA ---------------------------------------------------------------------------------------------
+
+    def load_lora(
+        self, source: str | Path | Mapping[str, Tensor], scale: float = 1.0, name: str | None = None
+    ) -> LoraAdapter:
+        """Load a LoRA or LoKr file of any trainer's layout (fluxforge.lora) and make it active at `scale`,
+        beside those active already. The name (default: the file's stem) is what `set_loras` and a request's
+        `loras=` use. The base weights stay untouched until `fuse_loras`."""
+        adapter = read_lora(source, self.transformer, name)
+        self.loras.add(adapter, scale)
+        return adapter
+
+    def set_loras(self, scales: Mapping[str, float]) -> None:
+        """Make exactly these loaded adapters active, at these scales ({}: none)."""
+        self.loras.activate(scales)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Unload one adapter, or all (None); the weights are as before any was loaded, bit for bit."""
+        self.loras.remove(name)
+
+    def fuse_loras(self) -> None:
+        """Add the active adapters into the weights: the base model's speed; `unfuse_loras` undoes it
+        exactly. While fused, requests can only ask for the fused adapters."""
+        self.loras.fuse()
+
+    def unfuse_loras(self) -> None:
+        self.loras.unfuse()
+
     # -----------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -220,31 +281,39 @@ class Pipeline:
         request: GenerationRequest,
         on_step: Callable[[StepInfo], None] | None = None,
         cancel: threading.Event | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
-        with self.caches.track() as tally:
-            return self._run(request, on_step, cancel, tally)
+        """Run one request. `cancel` set: GenerationCancelled at the next step; `stop()` true: the
+        remaining steps are skipped and the latents decoded as they are (diffusers' `pipe._interrupt`)."""
+        clock = time.perf_counter()
+        plan = self.validate(request)
+        with self.caches.track() as tally, self.loras.applied(request.loras):
+            return self._run(request, plan, on_step, cancel, stop, tally, clock)
 
     def _run(
         self,
         request: GenerationRequest,
+        plan: Plan,
         on_step: Callable[[StepInfo], None] | None,
         cancel: threading.Event | None,
+        stop: Callable[[], bool] | None,
         tally: dict[str, dict[str, int]],
+        clock: float,
     ) -> GenerationResult:
         r, variant = request, self.variant
         timings: dict[str, float] = {}
-        clock = time.perf_counter()
-        plan = self.validate(r)
         dtype, device = self.transformer.dtype, self.device
 
-        text, negative = self._encode_text(r, plan)
+        with self._stage(self.components.text_encoder):
+            text, negative = self._encode_text(r, plan)
         timings["text"], clock = time.perf_counter() - clock, time.perf_counter()
 
-        refs = self._reference_tokens(plan)
-        init_tokens = None
-        if plan.init_pixels is not None:
-            init_tokens = self._image_tokens(plan.init_pixels).to(device, dtype)
-            init_tokens = init_tokens.expand(plan.batch, -1, -1)
+        with self._stage(self.vae):
+            refs = self._reference_tokens(plan)
+            init_tokens = None
+            if plan.init_pixels is not None:
+                init_tokens = self._image_tokens(plan.init_pixels).to(device, dtype)
+                init_tokens = init_tokens.expand(plan.batch, -1, -1)
         timings["encode_images"], clock = time.perf_counter() - clock, time.perf_counter()
 
         h, w = plan.height // self.pixels_per_token, plan.width // self.pixels_per_token
@@ -270,16 +339,20 @@ class Pipeline:
                 original = init_tokens if last else add_noise(init_tokens, noise, schedule.sigmas[i + 1])
                 return keep * original + (1 - keep) * latents
 
-        velocity = self._velocity(text, negative, refs, grid_ids(h, w).to(device), plan)
-        x = denoise(velocity, x, schedule, start=start, blend=blend, on_step=on_step, cancel=cancel)
+        with self._stage(self.transformer):
+            velocity = self._velocity(text, negative, refs, grid_ids(h, w).to(device), plan)
+            x = denoise(
+                velocity, x, schedule, start=start, blend=blend, on_step=on_step, cancel=cancel, stop=stop
+            )
         timings["denoise"], clock = time.perf_counter() - clock, time.perf_counter()
 
         pixels, pil = None, []
         if r.decode:
-            if self._tiled(plan.width * plan.height):
-                pixels = tiling.decode_tokens_tiled(self.vae, self._on_vae(x), h, w)
-            else:
-                pixels = self.vae.decode_tokens(self._on_vae(x), h, w)
+            with self._stage(self.vae):
+                if self._tiled(plan.width * plan.height):
+                    pixels = tiling.decode_tokens_tiled(self.vae, self._on_vae(x), h, w)
+                else:
+                    pixels = self.vae.decode_tokens(self._on_vae(x), h, w)
             pil = images.to_pil(pixels)
             timings["decode"] = time.perf_counter() - clock
         info = {
@@ -301,6 +374,7 @@ class Pipeline:
             "dtype_reason": self.components.dtype.reason if self.components.dtype else None,
             "timings": timings,
             "vae_tiled": self._tiled(plan.width * plan.height),
+            "loras": dict(self.loras.scales),  # the adapters this ran with, and their scales
             "cache": tally,  # this request's hits and misses per cache
         }
         return GenerationResult(pil, list(plan.seeds) if plan.seeds else [None] * plan.batch, info, x, pixels)
@@ -379,7 +453,8 @@ class Pipeline:
         cache = self.caches.reference_kv
         if not cache.enabled or refs.tokens.is_meta:
             return extract()
-        key = (id(model), dtype, content_hash(refs.tokens), content_hash(refs.ids))
+        # the adapters change the K/V: a cached entry never crosses a LoRA change
+        key = (id(model), dtype, self.loras.key(), content_hash(refs.tokens), content_hash(refs.ids))
         return cache.lookup(key, extract)
 
     def _reference_tokens(self, plan: Plan) -> ReferenceTokens | None:

@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ from torch import Tensor
 from fluxforge import images
 from fluxforge.config import Variant
 from fluxforge.errors import InputTooLarge
+from fluxforge.lora import check_scale
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class ModelSpec:
     pixels_per_token: int  # VAE scale x patch size: 16 for FLUX.2
     latent_channels: int  # the transformer's input channels
     default_size: int  # output side when a request gives none
+    loras: tuple[str, ...] = ()  # the names of the LoRA adapters loaded, which a request may ask for
 
 
 Mode = Literal["text-to-image", "references", "img2img", "inpaint"]
@@ -96,6 +98,8 @@ class GenerationRequest:
     generator: torch.Generator | Sequence[torch.Generator] | None = None  # diffusers-style noise draw
     sigmas: Sequence[float] | None = None  # a custom schedule before shifting
     decode: bool = True  # False: return latents only
+    # LoRA adapters by name -> scale, each loaded with Pipeline.load_lora ({}: none); None: those active
+    loras: Mapping[str, float] | None = None
 
 
 class Validator:
@@ -136,6 +140,7 @@ class Validator:
             else _check_int(r.max_sequence_length, "max_sequence_length", 1, 4096)
         )
         guidance = self._guidance(r)
+        self._check_loras(r.loras)
         if r.negative_prompt is not None and d.guidance_mode != "cfg":
             raise ValueError(
                 f"negative_prompt needs classifier-free guidance, which {self.variant.name} does not use "
@@ -214,6 +219,17 @@ class Validator:
             seeds,
             max_len,
         )
+
+    def _check_loras(self, loras: Mapping[str, float] | None) -> None:
+        if loras is None:
+            return
+        if not isinstance(loras, Mapping):
+            raise TypeError(f"loras: a mapping of LoRA name -> scale, got {type(loras).__name__}")
+        for name, scale in loras.items():
+            if name not in self.spec.loras:
+                loaded = ", ".join(map(repr, self.spec.loras)) or "none"
+                raise ValueError(f"loras: no LoRA named {name!r} is loaded (loaded: {loaded})")
+            check_scale(scale, name)
 
     def _guidance(self, r: GenerationRequest) -> float | None:
         d = self.variant.defaults

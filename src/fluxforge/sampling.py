@@ -102,12 +102,16 @@ def denoise(
     blend: Blend | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     cancel: threading.Event | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Tensor:
-    """Euler-integrate from schedule step `start` to sigma = 0. `cancel` is checked before every step."""
+    """Euler-integrate from schedule step `start` to sigma = 0. `cancel` (an error) and `stop` (the latents
+    returned as they are, the remaining steps skipped) are checked before every step."""
     total = schedule.num_steps - start
     for i in range(start, schedule.num_steps):
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled(f"cancelled after {i - start} of {total} steps")
+        if stop is not None and stop():
+            break
         # Reproduces the reference's rounding: timestep in the latents' dtype, then / 1000.
         t = schedule.timesteps[i].expand(x.shape[0]).to(x.device, x.dtype) / 1000
         v = model(x, t, i)
