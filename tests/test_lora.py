@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline
@@ -340,3 +341,75 @@ def test_lora_set_rules(files):
     loras.unfuse()
     loras.activate({})
     assert loras.key() == ()
+
+
+# -- in the pipeline ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kv_folder(tmp_path_factory):
+    from conftest import parts
+
+    folder = tmp_path_factory.mktemp("kv")
+    diffusers.Flux2KleinKVPipeline(**parts()).save_pretrained(folder)
+    return folder
+
+
+def test_pipeline_lora_on_klein_kv_matches_diffusers_and_the_kv_cache_never_crosses_it(kv_folder, tmp_path):
+    from conftest import KLEIN_DIT, assert_close, parts, picture
+    from test_compat import KW
+
+    from fluxforge import compat
+    from fluxforge.pipeline import Pipeline
+
+    state = {
+        f"transformer.{k}": v for k, v in diffusers_lora(tiny_diffusers_transformer(**KLEIN_DIT)).items()
+    }
+    path = tmp_path / "style.safetensors"
+    save_file(state, path)
+    theirs = diffusers.Flux2KleinKVPipeline(**parts())
+    theirs.load_lora_weights(str(path))
+    pipe = Pipeline.from_pretrained(kv_folder)
+    facade = compat.Flux2KleinKVPipeline(pipe)
+    facade.set_progress_bar_config(disable=True)
+    refs = [picture(64, 64, 1), picture(96, 64, 2)]
+    call = dict(
+        prompt="a fox", image=refs, height=32, width=32, num_inference_steps=2, output_type="latent", **KW
+    )
+
+    def run(p):
+        return p(generator=torch.Generator().manual_seed(0), **call).images
+
+    base = run(facade)  # fills the reference K/V cache without a LoRA
+    adapter = pipe.load_lora(path)
+    assert (adapter.name, adapter.layout, adapter.kind) == ("style", "diffusers", "lora")
+    with_lora = run(facade)
+    assert_close(with_lora, run(theirs))  # not the cached K/V of the base model
+    assert (with_lora - base).abs().max() > 1e-3
+    request = dict(prompt="a fox", references=refs, width=32, height=32, steps=2, seed=3, decode=False)
+    a = pipe.generate(**request, loras={}).latents
+    assert pipe.generate(**request, loras={"style": 1.0}).info["loras"] == {"style": 1.0}
+    assert pipe.generate(**request).info["loras"] == {"style": 1.0}  # a run's choice does not outlast it
+    pipe.set_loras({})
+    assert torch.equal(pipe.generate(**request).latents, a)
+    with pytest.raises(ValueError, match=r"loras: no LoRA named 'other' is loaded \(loaded: 'style'\)"):
+        pipe.generate(**request, loras={"other": 1.0})
+    pipe.unload_lora()
+    assert torch.equal(run(facade), base)
+
+
+def test_fused_lora_is_as_the_unfused_one(kv_folder, tmp_path):
+    from fluxforge.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(kv_folder)
+    state = {f"transformer.{k}": v for k, v in diffusers_lora(pipe.transformer, seed=4).items()}
+    pipe.load_lora(state, scale=0.6, name="s")
+    request = dict(prompt="a fox", width=32, height=32, steps=2, seed=3, decode=False)
+    unfused = pipe.generate(**request).latents
+    pipe.fuse_loras()
+    fused = pipe.generate(**request)
+    assert (fused.latents - unfused).abs().max() <= TOL and fused.info["loras"] == {"s": 0.6}
+    with pytest.raises(ValueError, match="fused into the weights"):
+        pipe.generate(**request, loras={})
+    pipe.unfuse_loras()
+    assert torch.equal(pipe.generate(**request).latents, unfused)

@@ -159,6 +159,34 @@ def _read_tensor(handle, entry: Entry) -> torch.Tensor:
 
 def read_header(path: Path) -> dict[str, Entry]:
     """Every tensor's shape, dtype and byte range, checked against the file's size."""
+    header, base, data_size, bad = _header(path)
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = (
+                info["dtype"],
+                tuple(int(d) for d in info["shape"]),
+                info["data_offsets"],
+            )
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {key!r} has no dtype, shape and data_offsets") from None
+        if dtype not in DTYPES:
+            raise bad(f"tensor {key!r} has dtype {dtype}, which fluxforge does not read")
+        if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
+            raise bad(f"tensor {key!r}: bytes {begin}..{end} do not hold {list(shape)} {dtype} in the file")
+        entries[key] = Entry(path, shape, dtype, base + begin, end - begin)
+    return entries
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The file's free-form "__metadata__" strings (LoRA files keep their training config there)."""
+    metadata = _header(path)[0].get("__metadata__") or {}
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
+def _header(path: Path) -> tuple[dict, int, int, Callable[[str], CheckpointError]]:
     if not path.is_file():
         raise CheckpointError("file not found", path=str(path))
 
@@ -182,25 +210,7 @@ def read_header(path: Path) -> dict[str, Entry]:
             raise bad(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    base, data_size = 8 + length, size - 8 - length
-    entries = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = (
-                info["dtype"],
-                tuple(int(d) for d in info["shape"]),
-                info["data_offsets"],
-            )
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor {key!r} has no dtype, shape and data_offsets") from None
-        if dtype not in DTYPES:
-            raise bad(f"tensor {key!r} has dtype {dtype}, which fluxforge does not read")
-        if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
-            raise bad(f"tensor {key!r}: bytes {begin}..{end} do not hold {list(shape)} {dtype} in the file")
-        entries[key] = Entry(path, shape, dtype, base + begin, end - begin)
-    return entries
+    return header, 8 + length, size - 8 - length, bad
 
 
 def stored_dtype(tensors: Mapping[str, Entry]) -> torch.dtype:

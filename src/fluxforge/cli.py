@@ -89,7 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from fluxforge.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(**_model_arguments(args), device=args.device or "cpu", dtype=args.dtype)
+    device = "cpu" if args.offload else (args.device or "cpu")
+    pipe = Pipeline.from_pretrained(**_model_arguments(args), device=device, dtype=args.dtype)
+    if args.offload:
+        pipe.enable_offload(args.device)
+    for path, scale in args.lora or ():
+        pipe.load_lora(path, scale=scale)
     result = pipe.generate(
         args.prompt,
         references=args.reference,
@@ -156,6 +161,8 @@ def run_serve(args: argparse.Namespace) -> int:
         retention=args.retention,
         keepalive=args.sse_keepalive,
         max_batch=args.max_batch,
+        loras=tuple(args.lora or ()),
+        offload=args.offload,
         cache_sizes={
             "prompts": args.cache_prompts,
             "latents": args.cache_latents,
@@ -255,6 +262,7 @@ def _parser() -> _Parser:
         help="a diffusers FLUX.2 folder or a BFL transformer .safetensors file (default: the built-in demo)",
     )
     _model_options(gen)
+    _run_options(gen)
     gen.add_argument(
         "--device",
         type=_device,
@@ -292,6 +300,13 @@ def _parser() -> _Parser:
         "--guidance", type=float, metavar="G", help="dev and base models only; default: the model's"
     )
     gen.add_argument("--seed", type=int, metavar="S", help="image i uses seed S + i (default: random)")
+    gen.add_argument(
+        "--lora",
+        action="append",
+        type=_lora_file,
+        metavar="FILE[:SCALE]",
+        help="apply a LoRA / LoKr file of any trainer's layout at SCALE (default 1); repeatable",
+    )
     gen.add_argument("-n", "--num-images", type=int, default=1, metavar="N")
     gen.add_argument(
         "-o",
@@ -313,6 +328,7 @@ def _parser() -> _Parser:
     srv.set_defaults(run=run_serve)
     srv.add_argument("-m", "--model", help="a FLUX.2 folder, BFL file or hub id (default: the built-in demo)")
     _model_options(srv)
+    _run_options(srv)
     srv.add_argument("--device", type=_device, help="where the networks run (default: cpu)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     srv.add_argument(
@@ -404,6 +420,14 @@ def _parser() -> _Parser:
         help="run up to N waiting text-to-image jobs of the same shape as one batch (1: off; each image "
         "stays its seed's, up to batched rounding)",
     )
+    srv.add_argument(
+        "--lora",
+        action="append",
+        type=_named_lora,
+        metavar="NAME=FILE",
+        help='load a LoRA / LoKr file as NAME; requests opt in with "loras": [{"name": NAME, "scale": S}] '
+        "(none is applied otherwise); repeatable",
+    )
     srv.add_argument("--sse-keepalive", type=_duration, default=15.0, metavar="T", help=argparse.SUPPRESS)
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
@@ -437,6 +461,16 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    """What the commands that run a model take beside the model options."""
+    parser.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the networks on the CPU, each on the accelerator (--device, default: the one there is) "
+        "only while it runs: for models that do not fit; changes nothing without an accelerator",
+    )
+
+
 def _model_arguments(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         path=resolve_model(args),
@@ -445,6 +479,29 @@ def _model_arguments(args: argparse.Namespace) -> dict[str, Any]:
         variant=args.variant,
         text_encoder_out_layers=args.text_layers,
     )
+
+
+def _lora_file(value: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE (a path may hold colons: only a number after the last one is a scale)."""
+    path, _, scale = value.rpartition(":")
+    try:
+        number = float(scale)
+    except ValueError:
+        return _existing(value), 1.0
+    return _existing(path or value), number
+
+
+def _named_lora(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE, got {value!r}")
+    return name, _existing(path)
+
+
+def _existing(path: str) -> str:
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return path
 
 
 def _layers(value: str) -> tuple[int, ...]:

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from fluxforge.bfl import transformer_source
 from fluxforge.cache import content_hash
+from fluxforge.checkpoint import Tensors, read_metadata
 from fluxforge.errors import CheckpointError
 
 _SUFFIX = re.compile(
@@ -221,16 +222,13 @@ def read_lora(
 
 
 def _load_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
     if not path.is_file():
         raise LoraError("no such LoRA file", path=str(path))
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LoraError(f"not a readable safetensors file ({exc})", path=str(path)) from None
+        tensors = Tensors.from_file(path)
+        return dict(tensors.read(list(tensors))), read_metadata(path)
+    except CheckpointError as exc:
+        raise LoraError(str(exc).split("\n")[0], path=str(path)) from None
 
 
 def _strip(module: str) -> str:

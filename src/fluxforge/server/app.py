@@ -75,6 +75,8 @@ class Settings:
     keepalive: float = 15.0  # s between SSE keep-alive comments
     cache_sizes: dict[str, int] | None = None  # bytes per cache (fluxforge.cache); None: the defaults
     max_batch: int = 1  # compatible waiting text-to-image jobs run as one batch of up to this many
+    loras: tuple[tuple[str, str], ...] = ()  # (name, file): loaded at start, none active unless asked for
+    offload: bool = False  # networks on the CPU between stages, each on `device` while it runs
 
     def capabilities(self) -> dict[str, int]:
         return {
@@ -120,12 +122,17 @@ class Service:
             s.model,
             vae=s.vae,
             text_encoder=s.text_encoder,
-            device=s.device,
+            device="cpu" if s.offload else s.device,
             dtype=s.dtype,
             variant=s.variant,
             text_encoder_out_layers=s.text_layers,
         )
         pipe.caches = Caches(s.cache_sizes)
+        for name, path in s.loras:
+            pipe.load_lora(path, name=name)
+        pipe.set_loras({})  # a request opts in with "loras"
+        if s.offload:
+            pipe.enable_offload(None if s.device == "cpu" else s.device)
         return pipe
 
     def start(self) -> None:
@@ -518,6 +525,7 @@ def create_app(settings: Settings, load: Callable[[], Any] | None = None) -> Fas
             "api_key": settings.api_key is not None,
             "webhooks": settings.webhook_secret is not None,
             "caches": info.get("caches", {}),
+            "loras": info.get("loras", []),
         }
 
     @app.get("/metrics", tags=["service"], response_class=Response)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,6 +101,26 @@ class _Body(BaseModel):
         return dict(self.__pydantic_extra__ or {})
 
 
+class LoraUse(BaseModel):
+    """One LoRA a request opts in to: a name the server was started with (`--lora NAME=FILE`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr
+    scale: Number = 1.0
+
+
+def lora_scales(loras: list[LoraUse] | None) -> dict[str, float] | None:
+    """A body's `loras` as the request's name -> scale; each name once."""
+    if loras is None:
+        return None
+    out: dict[str, float] = {}
+    for use in loras:
+        if use.name in out:
+            raise ValueError(f"loras: {use.name!r} is given twice; give each LoRA once, with its scale")
+        out[use.name] = float(use.scale)
+    return out
+
+
 class ImageGenerationBody(_Body):
     """POST /v1/images/generations, OpenAI's fields and fluxforge's own at the top level."""
 
@@ -123,6 +144,7 @@ class ImageGenerationBody(_Body):
     negative_prompt: StrictStr | None = None
     width: StrictInt | None = None
     height: StrictInt | None = None
+    loras: list[LoraUse] | None = Field(None, description="LoRAs to apply (GET /v1/capabilities lists them)")
 
 
 class JobBody(_Body):
@@ -145,6 +167,7 @@ class JobBody(_Body):
     output_format: OutputFormat | None = None
     output_compression: Annotated[StrictInt, Field(ge=0, le=100)] | None = None
     webhook_url: StrictStr | None = None
+    loras: list[LoraUse] | None = Field(None, description="LoRAs to apply (GET /v1/capabilities lists them)")
 
 
 # The GenerationRequest fields a body may set (the rest are for Python callers: tensors, generators).
@@ -212,6 +235,7 @@ def job_submission(body: JobBody) -> Submission:
         raise TypeError(f"{name} is a Python-API-only field (tensors and generators do not travel over HTTP)")
     reject_unknown(extras, GenerationRequest, "POST /v1/jobs")
     params = {k: getattr(body, k) for k in SCALARS}
+    params["loras"] = lora_scales(body.loras)
     inputs: dict[str, Any] = {}
     if body.references:
         inputs["references"] = [decode_image(v, f"references[{i}]") for i, v in enumerate(body.references)]
@@ -232,6 +256,7 @@ def generation_submission(body: ImageGenerationBody) -> Submission:
         "steps": body.steps,
         "guidance": body.guidance,
         "negative_prompt": body.negative_prompt,
+        "loras": lora_scales(body.loras),
     }
     names = _size_into(params, body.size, body.width, body.height)
     return Submission("generation", params, {}, _openai_options(body.model_dump()), names)
@@ -256,6 +281,7 @@ def edit_submission(
         "guidance": fields.get("guidance"),
         "negative_prompt": fields.get("negative_prompt"),
         "strength": fields.get("strength"),
+        "loras": _form_loras(fields.get("loras")),
     }
     if params["prompt"] is None:
         raise ApiError(400, "prompt is required", "invalid_value", "prompt")
@@ -307,10 +333,24 @@ _EDIT_FIELDS: dict[str, Any] = {
     "width": int,
     "height": int,
     "strength": float,
+    "loras": str,  # JSON: [{"name": ..., "scale": ...}]
     "image": None,
     "image[]": None,
     "mask": None,
 }
+
+
+def _form_loras(text: str | None) -> dict[str, float] | None:
+    """The edits form's `loras` field: the JSON list the JSON bodies take."""
+    if text is None:
+        return None
+    try:
+        uses = [LoraUse.model_validate(item) for item in json.loads(text)]
+    except (ValueError, TypeError):
+        raise ApiError(
+            422, 'loras must be a JSON list of {"name": ..., "scale": ...}', "invalid_body", "loras"
+        ) from None
+    return lora_scales(uses)
 
 
 def _form_value(form: Mapping[str, Any], name: str, kind: Any) -> Any:

@@ -157,6 +157,8 @@ class LocalWorker:
             "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
             "device": str(pipe.device),
             "caches": pipe.caches.stats(),
+            "loras": [adapter.describe() for adapter in pipe.loras.loaded.values()],
+            "offload": str(pipe.offload.device) if pipe.offload else None,
         }
 
     def cancel(self, job_id: str) -> bool:
@@ -321,7 +323,7 @@ def batch_key(job: Job) -> tuple | None:
         return None
     o = job.options
     return (o["width"], o["height"], o["steps"], o["images"], p.get("guidance"), p.get("negative_prompt"),
-            p.get("max_sequence_length"))  # fmt: skip
+            p.get("max_sequence_length"), tuple(sorted((p.get("loras") or {}).items())))  # fmt: skip
 
 
 def split(result: GenerationResult, parts: int) -> list[GenerationResult]:
