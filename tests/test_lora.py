@@ -117,6 +117,7 @@ def layouts(ref) -> dict[str, dict[str, torch.Tensor]]:
         ),
         "lycoris lokr": lycoris,
         "simpletuner lokr": bare,
+        "peft lokr": {f"transformer.{k}": v for k, v in bare.items()},
         "ai-toolkit lokr": bfl_lokr,
     }
 
@@ -413,3 +414,15 @@ def test_fused_lora_is_as_the_unfused_one(kv_folder, tmp_path):
         pipe.generate(**request, loras={})
     pipe.unfuse_loras()
     assert torch.equal(pipe.generate(**request).latents, unfused)
+
+
+def test_an_adapter_follows_the_model_to_another_dtype(files):
+    """Loaded in fp32, then the model moves to bf16 (pipe.to, or offload moving it between devices): as if
+    it had been loaded into the bf16 model."""
+    moved, _ = ours_with(files["kohya"])
+    moved.to(torch.bfloat16)
+    direct = ours_from(tiny_diffusers_transformer(**DIT)).to(torch.bfloat16)
+    LoraSet(direct).add(read_lora(files["kohya"], direct, "a"))
+    x = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs(2).items()}
+    assert torch.equal(run_ours(moved, x), run_ours(direct, x))
+    assert run_ours(moved, x).dtype == torch.bfloat16

@@ -76,7 +76,9 @@ class LowRank:
     scale: float
 
     def activations(self, x: Tensor, weight: float) -> Tensor:
-        return F.linear(F.linear(x, self.down), self.up) * (weight * self.scale)  # PEFT's order
+        # .to: a no-op unless the model moved (offload, pipe.to) after the adapter was loaded
+        down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
+        return F.linear(F.linear(x, down), up) * (weight * self.scale)  # PEFT's order
 
     def delta(self) -> Tensor:
         return (self.up @ self.down) * self.scale
@@ -106,7 +108,8 @@ class Kronecker:
         return delta if self.rows is None else delta[self.rows[0] : self.rows[1]]
 
     def activations(self, x: Tensor, weight: float) -> Tensor:
-        return F.linear(x, self.delta() * weight if weight != 1 else self.delta())
+        delta = self.delta().to(x.device, x.dtype)
+        return F.linear(x, delta * weight if weight != 1 else delta)
 
     @property
     def nbytes(self) -> int:
@@ -544,7 +547,7 @@ class LoraSet:
                         self._originals[module] = weight.detach().clone()
                     with torch.no_grad():
                         for change in changes:
-                            weight.add_(change.delta() * scale)
+                            weight.add_((change.delta() * scale).to(weight.device, weight.dtype))
             self.fused = dict(self.scales)
 
     def unfuse(self) -> None:
