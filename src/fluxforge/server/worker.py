@@ -1,10 +1,12 @@
-"""The one owner of the model: takes jobs from the queue one at a time, runs them through `Pipeline.run`,
-and reports every step as an event.
+"""The one owner of the model: takes jobs from the queue, runs them through `Pipeline.run`, and reports
+every step as an event.
 
-The HTTP layer sees a worker only through the `Worker` interface (state, model facts, cancel, stop), so a
-worker of model replicas elsewhere (Ray Serve) can take this one's place. A job's failure (bad input that
-slipped through, out of memory, a device error, a bug) fails that job with a code and leaves the worker
-serving the next one.
+The HTTP layer sees a worker only through the `Worker` interface (state, model facts, cancel, stop).
+`LocalWorker` runs the model in this process; `fluxforge.server.ray.RayWorker` is the same job flow with
+`_load_model` and `_execute` sending each job to a Ray Serve model replica, with one slot (a thread) per
+job the replicas can take at once. A job's failure (bad input that slipped through, out of memory, a
+device error, a bug) fails that job with a code and leaves the worker serving the next one; a job whose
+replica died runs again (once).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from fluxforge.pipeline import GenerationRequest, GenerationResult, Pipeline
 from fluxforge.preview import Previewer
 from fluxforge.request import Limits, ModelSpec, param_of
 from fluxforge.sampling import StepInfo
-from fluxforge.server.jobs import Job, Jobs
+from fluxforge.server.jobs import MAX_ATTEMPTS, Job, Jobs
 from fluxforge.server.protocol import to_request
 
 log = logging.getLogger("fluxforge.server")
@@ -51,6 +53,30 @@ class Worker(Protocol):
     def cancel(self, job_id: str) -> bool: ...  # stop the running job at its next step
     def stop(self, grace: float) -> None: ...
     def model_info(self) -> dict[str, Any]: ...
+
+
+class ReplicaLost(Exception):
+    """The process running a job died under it (a Ray replica); the job may run again elsewhere."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the job flow needs of the model beside validation: the token grid, the latent channels and
+    dtype (a batch's noise is drawn here), and the map for previews."""
+
+    pixels_per_token: int
+    latent_channels: int
+    dtype: torch.dtype
+    previewer: Previewer | None
+
+
+@dataclass
+class _Slot:
+    """One job (or batch) running: its ids, its cancel event, whether it goes back to the queue."""
+
+    batch: tuple[str, ...] = ()
+    cancel: threading.Event = field(default_factory=threading.Event)
+    requeue: bool = False
 
 
 @dataclass
@@ -104,7 +130,7 @@ def save_outputs(result: GenerationResult, folder: Any, options: dict[str, Any])
 
 
 class LocalWorker:
-    """A thread in this process that owns the `Pipeline`."""
+    """Threads in this process (one per slot) that run jobs; the model is the `Pipeline` `load` returns."""
 
     def __init__(
         self,
@@ -114,6 +140,7 @@ class LocalWorker:
         on_final: Callable[[Job], None] = lambda job: None,
         on_claim: Callable[[], None] = lambda: None,
         max_batch: int = 1,
+        slots: int = 1,
     ) -> None:
         self.jobs, self._load, self.limits = jobs, load, limits
         self.on_final, self.on_claim = on_final, on_claim
@@ -121,82 +148,98 @@ class LocalWorker:
         self.error: str | None = None
         self.spec: ModelSpec | None = None
         self.pipeline: Pipeline | None = None
-        self.previewer: Previewer | None = None
-        self.running: str | None = None
+        self.facts: ModelFacts | None = None
         self.metrics = Metrics()
-        self._cancel = threading.Event()
         self._cancel_wanted: set[str] = set()
-        self._batch: tuple[str, ...] = ()  # the ids of the jobs running now
         self.max_batch = max_batch
-        self._requeue = False  # the running job stops because the server does: back to the queue
+        self._slots = [_Slot() for _ in range(slots)]
         self._accepting = True
         self._thread = threading.Thread(target=self._main, name="fluxforge-worker", daemon=True)
-        self._idle = threading.Event()
-        self._idle.set()
+        self._busy = 0  # slots running a job now
+        self._idle = threading.Condition()
 
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def running(self) -> str | None:
+        """The id of a job running now (the first busy slot's), or None."""
+        return next((slot.batch[0] for slot in self._slots if slot.batch), None)
+
+    @property
+    def previewer(self) -> Previewer | None:
+        return self.facts.previewer if self.facts else None
+
     def model_info(self) -> dict[str, Any]:
-        if self.pipeline is None:
-            return {}
-        pipe = self.pipeline
-        d = pipe.variant.defaults
-        return {
-            "id": pipe.variant.name,
-            "family": pipe.variant.family,
-            "defaults": {
-                "steps": d.steps,
-                "guidance": d.guidance,
-                "width": pipe.default_size,
-                "height": pipe.default_size,
-            },
-            "guidance": d.guidance_mode != "none",
-            "negative_prompt": d.guidance_mode == "cfg",
-            "reference_kv": bool(d.reference_kv),
-            "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
-            "device": str(pipe.device),
-            "caches": pipe.caches.stats(),
-            "loras": [adapter.describe() for adapter in pipe.loras.loaded.values()],
-            "offload": str(pipe.offload.device) if pipe.offload else None,
-        }
+        return {} if self.pipeline is None else pipeline_info(self.pipeline)
 
     def cancel(self, job_id: str) -> bool:
         """Stop the job at its next step (a job claimed but not yet started: before its first). A job in a
         batch stops the batch; its companions go back to the front of the queue."""
         self._cancel_wanted.add(job_id)
-        if job_id in self._batch:
-            self._cancel.set()
-            return True
+        for slot in self._slots:
+            if job_id in slot.batch:
+                slot.cancel.set()
+                return True
         return False
 
     def stop(self, grace: float) -> None:
-        """Take no more jobs; give the running one `grace` seconds, then put it back in the queue."""
+        """Take no more jobs; give the running ones `grace` seconds, then put them back in the queue."""
         self._accepting = False
         self.state = "stopping"
         self.jobs.wake()
-        if not self._idle.wait(grace):
+        with self._idle:
+            if self._idle.wait_for(lambda: self._busy == 0, grace):
+                return
             log.warning(
                 "the running job %s did not finish within %.0f s: back to the queue", self.running, grace
             )
-            self._requeue = True
-            self._cancel.set()
-            self._idle.wait(30)
+            for slot in self._slots:
+                slot.requeue = True
+                slot.cancel.set()
+            self._idle.wait_for(lambda: self._busy == 0, 30)
+
+    # -- the model: what another worker replaces -----------------------------------------------------------
+
+    def _load_model(self) -> None:
+        """Load the model; set `spec` and `facts` (and `pipeline`, for a model in this process)."""
+        pipe = self._load()
+        pipe.limits = self.limits
+        self.facts = facts_of(pipe, Previewer.fit(pipe.vae))
+        self.pipeline, self.spec = pipe, pipe.spec
+
+    def _execute(
+        self,
+        request: GenerationRequest,
+        on_step: Callable[[StepInfo], None],
+        cancel: threading.Event,
+        max_images: int,
+    ) -> GenerationResult:
+        """Run one request (a job, or a batch of jobs) on the model."""
+        self.pipeline.limits = dataclasses.replace(self.limits, max_images=max_images)
+        try:
+            return self.pipeline.run(request, on_step=on_step, cancel=cancel)
+        finally:
+            self.pipeline.limits = self.limits
 
     # ---------------------------------------------------------------------------------------------------
 
     def _main(self) -> None:
         try:
-            pipe = self._load()
-            pipe.limits = self.limits
-            self.previewer = Previewer.fit(pipe.vae)
-            self.pipeline, self.spec = pipe, pipe.spec
+            self._load_model()
         except Exception as exc:  # the server keeps answering /health with the reason
             log.exception("the model could not be loaded")
             self.error, self.state = f"{type(exc).__name__}: {exc}", "failed"
             return
         self.state = "ready"
-        log.info("model %s ready", pipe.variant.name)
+        log.info("model %s ready", self.model_info().get("id"))
+        for i, slot in enumerate(self._slots[1:], 1):
+            name = f"fluxforge-worker-{i}"
+            threading.Thread(target=self._serve, args=(slot,), name=name, daemon=True).start()
+        self._serve(self._slots[0])
+
+    def _serve(self, slot: _Slot) -> None:
+        """One slot: claim the oldest job (and those that batch with it), run it, and again."""
         while self._accepting:
             job = self.jobs.store.claim()
             if job is None:
@@ -208,22 +251,24 @@ class LocalWorker:
                 batch += self.jobs.store.claim_matching(
                     lambda j, k=key: batch_key(j) == k, self.max_batch - 1
                 )
-            self._idle.clear()
+            with self._idle:
+                self._busy += 1
             try:
                 self.on_claim()
-                self._run(batch)
+                self._run(batch, slot)
             finally:
-                self.running = None
-                self._batch = ()
+                slot.batch = ()
                 self._cancel_wanted.difference_update(j.id for j in batch)
-                self._idle.set()
+                with self._idle:
+                    self._busy -= 1
+                    self._idle.notify_all()
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, batch: list[Job], slot: _Slot) -> None:
         store, jobs = self.jobs.store, self.jobs
-        self.running, self._batch = batch[0].id, tuple(j.id for j in batch)
-        self._cancel.clear()
-        if self._cancel_wanted.intersection(self._batch):
-            self._cancel.set()
+        slot.batch = tuple(j.id for j in batch)
+        slot.cancel.clear()
+        if self._cancel_wanted.intersection(slot.batch):
+            slot.cancel.set()
         started = time.perf_counter()
         for job in batch:
             jobs.publish(job.id, "started", {"attempt": job.attempts, "batch_size": len(batch)})
@@ -233,14 +278,8 @@ class LocalWorker:
         try:
             request = self._request(batch)
             # Each job passed the limits on arrival; together they may hold more images than one request.
-            images = len(batch) * batch[0].options["images"]
-            self.pipeline.limits = dataclasses.replace(
-                self.limits, max_images=max(self.limits.max_images, images)
-            )
-            try:
-                result = self.pipeline.run(request, on_step=self._on_step(batch), cancel=self._cancel)
-            finally:
-                self.pipeline.limits = self.limits
+            images = max(self.limits.max_images, len(batch) * batch[0].options["images"])
+            result = self._execute(request, self._on_step(batch), slot.cancel, images)
             for job, part in zip(batch, split(result, len(batch)), strict=True):
                 if len(batch) > 1:  # its noise came from its own seeds, as the request says
                     part.seeds = [job.params["seed"] + b for b in range(len(part.images))]
@@ -249,7 +288,7 @@ class LocalWorker:
             del result, part
         except GenerationCancelled as exc:
             for job in batch:
-                if self._requeue:
+                if slot.requeue:
                     store.requeue(job.id)
                 elif job.id in self._cancel_wanted:
                     error = {"code": "canceled", "message": str(exc), "param": None}
@@ -257,6 +296,17 @@ class LocalWorker:
                 else:  # stopped because a batch companion was canceled: it runs again, uncounted
                     store.requeue(job.id, count_attempt=False)
                     jobs.publish(job.id, "queued", {"queue_position": 0}, persist=False)
+        except ReplicaLost as exc:
+            for job in batch:
+                if job.attempts < MAX_ATTEMPTS:  # once more, on another replica
+                    log.warning("job %s lost its model replica (%s): back to the queue", job.id, exc)
+                    store.requeue(job.id)
+                    jobs.publish(job.id, "queued", {"queue_position": 0}, persist=False)
+                    jobs.wake()
+                else:
+                    message = f"the model replica running this job died, {job.attempts} times ({exc})"
+                    error = {"code": "replica_died", "message": message, "param": None}
+                    outcomes[job.id] = ("failed", {"error": error})
         except Exception as exc:
             for job in batch:
                 outcomes[job.id] = ("failed", {"error": _failure(exc, job)})
@@ -277,11 +327,11 @@ class LocalWorker:
         first = read_request(batch[0], self.jobs.store.folder(batch[0].id))
         if len(batch) == 1:
             return first
-        pipe, n = self.pipeline, first.num_images
-        grid = pipe.pixels_per_token
-        shape = (n, pipe.transformer.config.in_channels, batch[0].options["height"] // grid,
+        facts, n = self.facts, first.num_images
+        grid = facts.pixels_per_token
+        shape = (n, facts.latent_channels, batch[0].options["height"] // grid,
                  batch[0].options["width"] // grid)  # fmt: skip
-        noise = [draw_noise(shape, pipe.transformer.dtype, seeds=[j.params["seed"] + b for b in range(n)])
+        noise = [draw_noise(shape, facts.dtype, seeds=[j.params["seed"] + b for b in range(n)])
                  for j in batch]  # fmt: skip
         return dataclasses.replace(
             first, prompt=[j.params["prompt"] for j in batch], seed=None, noise=torch.cat(noise)
@@ -289,7 +339,7 @@ class LocalWorker:
 
     def _on_step(self, batch: list[Job]) -> Callable[[StepInfo], None]:
         last = [time.perf_counter()]
-        grid = self.pipeline.pixels_per_token
+        grid = self.facts.pixels_per_token
         job0 = batch[0]
         h, w = job0.options["height"] // grid, job0.options["width"] // grid  # the size validation resolved
         per_job = job0.options["images"]
@@ -313,6 +363,34 @@ class LocalWorker:
                     self.jobs.publish(job.id, "preview", data, persist=False)
 
         return on_step
+
+
+def facts_of(pipe: Pipeline, previewer: Previewer | None) -> ModelFacts:
+    config = pipe.transformer.config
+    return ModelFacts(pipe.pixels_per_token, config.in_channels, pipe.transformer.dtype, previewer)
+
+
+def pipeline_info(pipe: Pipeline) -> dict[str, Any]:
+    """The model facts /v1/models, /v1/capabilities, /health and /metrics show."""
+    d = pipe.variant.defaults
+    return {
+        "id": pipe.variant.name,
+        "family": pipe.variant.family,
+        "defaults": {
+            "steps": d.steps,
+            "guidance": d.guidance,
+            "width": pipe.default_size,
+            "height": pipe.default_size,
+        },  # fmt: skip
+        "guidance": d.guidance_mode != "none",
+        "negative_prompt": d.guidance_mode == "cfg",
+        "reference_kv": bool(d.reference_kv),
+        "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+        "device": str(pipe.device),
+        "caches": pipe.caches.stats(),
+        "loras": [adapter.describe() for adapter in pipe.loras.loaded.values()],
+        "offload": str(pipe.offload.device) if pipe.offload else None,
+    }
 
 
 def batch_key(job: Job) -> tuple | None:
