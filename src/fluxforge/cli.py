@@ -170,6 +170,16 @@ def run_serve(args: argparse.Namespace) -> int:
         },
     )
     del uvicorn
+    if args.ray:
+        try:
+            from fluxforge.server.ray import serve_on_ray
+        except ImportError as exc:
+            raise ImportError(
+                f"fluxforge serve --ray needs Ray Serve ({exc}): pip install 'fluxforge[ray]'"
+            ) from exc
+        return serve_on_ray(settings, args.host, args.port, args.replicas, args.autoscale, args.ray_address)
+    if args.replicas != 1 or args.autoscale or args.ray_address:
+        raise UsageError("--replicas, --autoscale and --ray-address need --ray")
     return serve(create_app(settings), args.host, args.port, args.log_level)
 
 
@@ -428,6 +438,26 @@ def _parser() -> _Parser:
         help='load a LoRA / LoKr file as NAME; requests opt in with "loras": [{"name": NAME, "scale": S}] '
         "(none is applied otherwise); repeatable",
     )
+    scale = srv.add_mutually_exclusive_group()
+    srv.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray Serve: this API as the ingress, the model as replicas (needs fluxforge[ray])",
+    )
+    scale.add_argument(
+        "--replicas", type=_positive, default=1, metavar="N", help="model replicas with --ray (1)"
+    )
+    scale.add_argument(
+        "--autoscale",
+        type=_range,
+        metavar="MIN:MAX",
+        help="with --ray: Ray Serve scales the replicas between MIN and MAX on their ongoing requests",
+    )
+    srv.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="with --ray: join this cluster (auto: the local one) instead of starting one",
+    )
     srv.add_argument("--sse-keepalive", type=_duration, default=15.0, metavar="T", help=argparse.SUPPRESS)
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
@@ -489,6 +519,17 @@ def _lora_file(value: str) -> tuple[str, float]:
     except ValueError:
         return _existing(value), 1.0
     return _existing(path or value), number
+
+
+def _range(value: str) -> tuple[int, int]:
+    low, sep, high = value.partition(":")
+    try:
+        pair = (int(low), int(high))
+    except ValueError:
+        pair = None
+    if not sep or pair is None or not 0 <= pair[0] <= pair[1] or pair[1] < 1:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got {value!r}")
+    return pair
 
 
 def _named_lora(value: str) -> tuple[str, str]:

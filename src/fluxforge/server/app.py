@@ -91,17 +91,47 @@ class Settings:
         }
 
 
+def load_pipeline(s: Settings) -> Any:
+    """The Pipeline a server runs (in this process, or in each Ray replica): the model, its caches, its
+    LoRAs (none active: a request opts in) and offload."""
+    from fluxforge.cache import Caches
+    from fluxforge.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(
+        s.model,
+        vae=s.vae,
+        text_encoder=s.text_encoder,
+        device="cpu" if s.offload else s.device,
+        dtype=s.dtype,
+        variant=s.variant,
+        text_encoder_out_layers=s.text_layers,
+    )
+    pipe.caches = Caches(s.cache_sizes)
+    for name, path in s.loras:
+        pipe.load_lora(path, name=name)
+    pipe.set_loras({})
+    if s.offload:
+        pipe.enable_offload(None if s.device == "cpu" else s.device)
+    pipe.limits = s.limits
+    return pipe
+
+
 class Service:
     """The store, the queue, the worker and the webhooks of one server."""
 
-    def __init__(self, settings: Settings, load: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        load: Callable[[], Any] | None = None,
+        make_worker: Callable[..., Worker] = LocalWorker,
+    ) -> None:
         self.settings = settings
         settings.data.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(settings.data)
         self.jobs = Jobs(self.store, settings.max_queue)
         self.base_url = ""  # set from the first request; webhooks use it for absolute URLs
         self.webhooks = Webhooks(self.jobs, settings.webhook_secret, lambda job: job_json(job, self.base_url))
-        self.worker: Worker = LocalWorker(
+        self.worker: Worker = make_worker(
             self.jobs,
             load or self._load,
             settings.limits,
@@ -114,26 +144,7 @@ class Service:
         self.started = time.time()
 
     def _load(self) -> Any:
-        from fluxforge.cache import Caches
-        from fluxforge.pipeline import Pipeline
-
-        s = self.settings
-        pipe = Pipeline.from_pretrained(
-            s.model,
-            vae=s.vae,
-            text_encoder=s.text_encoder,
-            device="cpu" if s.offload else s.device,
-            dtype=s.dtype,
-            variant=s.variant,
-            text_encoder_out_layers=s.text_layers,
-        )
-        pipe.caches = Caches(s.cache_sizes)
-        for name, path in s.loras:
-            pipe.load_lora(path, name=name)
-        pipe.set_loras({})  # a request opts in with "loras"
-        if s.offload:
-            pipe.enable_offload(None if s.device == "cpu" else s.device)
-        return pipe
+        return load_pipeline(self.settings)
 
     def start(self) -> None:
         requeued, failed = self.store.recover()
@@ -399,9 +410,14 @@ def _edit_schema() -> dict[str, Any]:
 # The app
 
 
-def create_app(settings: Settings, load: Callable[[], Any] | None = None) -> FastAPI:
-    """The FastAPI app; `load` returns the Pipeline (default: the model in `settings`)."""
-    service = Service(settings, load)
+def create_app(
+    settings: Settings,
+    load: Callable[[], Any] | None = None,
+    make_worker: Callable[..., Worker] = LocalWorker,
+) -> FastAPI:
+    """The FastAPI app; `load` returns the Pipeline (default: the model in `settings`); `make_worker` builds
+    the worker from LocalWorker's arguments (fluxforge.server.ray passes its RayWorker)."""
+    service = Service(settings, load, make_worker)
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.start()
