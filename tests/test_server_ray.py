@@ -32,7 +32,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A Ray head on this machine, bounded to 3 CPUs (2 model replicas of 1 CPU, and room for Serve)."""
+    """A Ray head on this machine, bounded to 3 CPUs (2 model replicas of 1 CPU, and room for Serve). A
+    loopback test cluster without token auth: Ray turns it on once a token file exists in ~/.ray, which a
+    developer's earlier local `ray.init()` leaves behind."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")  # this process, `ray start` and the server it starts
     ray_cli = shutil.which("ray", path=str(__import__("pathlib").Path(sys.executable).parent))
     port = free_port()
     start = [ray_cli, "start", "--head", f"--port={port}", "--num-cpus=3", "--num-gpus=0",
@@ -43,6 +47,7 @@ def cluster(tmp_path_factory):
     yield address
     ray.shutdown()
     subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
