@@ -210,3 +210,12 @@ def test_help_and_info_import_no_model_code(folder):
     assert "torch after --help: False" in done.stdout
     assert "model code after info: []" in done.stdout
     assert "variant      flux.2-klein-custom" in done.stdout
+
+
+def test_ray_options_need_ray(capsys):
+    assert cli.main(["serve", "--replicas", "2"]) == 2
+    assert "--replicas, --autoscale and --ray-address need --ray" in capsys.readouterr().err
+    assert cli.main(["serve", "--ray", "--autoscale", "3:1"]) == 2
+    assert "expected MIN:MAX with 0 <= MIN <= MAX" in capsys.readouterr().err
+    assert cli.main(["serve", "--ray", "--replicas", "2", "--autoscale", "1:2"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -158,3 +158,14 @@ def test_a_full_queue_answers_429(client):
         client.post(f"/v1/jobs/{job_id}/cancel")
     for job_id in queued:
         assert wait_status(client, job_id, ("canceled",), timeout=60)["attempts"] == 0
+
+
+def test_the_application_for_serve_run_and_config_files():
+    from fluxforge.server.ray import build
+
+    with pytest.raises(ValueError, match=r"unknown application args \['bogus'\]"):
+        build({"bogus": "1"})
+    app = build({"replicas": 3, "autoscale": "1:4", "max_ongoing_requests": "2", "data": "/tmp/x"})
+    model = app._bound_deployment.init_args[1]._bound_deployment  # Ingress.bind(settings, model, slots)
+    assert model._deployment_config.autoscaling_config.max_replicas == 4 and model.max_ongoing_requests == 2
+    assert app._bound_deployment.init_args[2] == 8  # slots: the most replicas x their ongoing requests
