@@ -409,7 +409,10 @@ def test_fused_lora_is_as_the_unfused_one(kv_folder, tmp_path):
     unfused = pipe.generate(**request).latents
     pipe.fuse_loras()
     fused = pipe.generate(**request)
-    assert (fused.latents - unfused).abs().max() <= TOL and fused.info["loras"] == {"s": 0.6}
+    # Fusing sums in another order ((W + sBA)x against Wx + sB(Ax)): on latents of magnitude ~8 that is
+    # float32 rounding, measured up to 1.5e-5 with AVX2 kernels (9e-6 with AVX-512); diffusers' fused and
+    # unfused paths differ alike. Each path matches diffusers' own within 1e-5 (tests above).
+    assert (fused.latents - unfused).abs().max() <= 5e-5 and fused.info["loras"] == {"s": 0.6}
     with pytest.raises(ValueError, match="fused into the weights"):
         pipe.generate(**request, loras={})
     pipe.unfuse_loras()
