@@ -326,3 +326,36 @@ def test_controls_follow_the_model(browser, server):
     page.check("input[value=inpaint]")
     assert page.input_value("#strength") == "1" and page.is_visible("#brush-tools")
     context.close()
+
+
+def test_loras_are_offered_and_sent(browser, tmp_path, pipe):
+    """A server started with --lora: the page lists it unchecked; checked at a scale, the job applies it."""
+    from safetensors.torch import save_file
+    from test_lora import diffusers_lora
+
+    path = tmp_path / "style.safetensors"
+    state = {f"transformer.{k}": v for k, v in diffusers_lora(pipe.transformer, rank=2, seed=1).items()}
+    save_file(state, path)
+    server = Server(tmp_path / "data", "--lora", f"style={path}")
+    try:
+        context = browser.new_context(viewport={"width": 1200, "height": 1000})
+        page = context.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_selector("#model:has-text('fluxforge-demo')")
+        assert page.is_visible("#lora-field") and not page.is_checked("#lora-style")
+        page.check("#lora-style")
+        page.fill("[aria-label='style scale']", "0.7")
+        job = generate(page, server, PROMPT, 4)
+        assert job["status"] == "succeeded" and job["result"]["info"]["loras"] == {"style": 0.7}
+        with_lora = ff.Pipeline.from_pretrained()
+        with_lora.load_lora(path, name="style")
+        expected = with_lora.generate(PROMPT, seed=4, loras={"style": 0.7}).images[0]
+        assert np.array_equal(result_image(server, job), np.asarray(expected))
+        shot(page, "lora")
+        context.close()
+    finally:
+        server.stop()
+
+
+def test_no_lora_field_without_loras(page):
+    assert page.is_hidden("#lora-field")

@@ -91,8 +91,44 @@ async function loadCapabilities() {
   $("#guidance-field").hidden = !caps.guidance;
   if (caps.guidance) $("#guidance").value = d.guidance;
   $("#negative-field").hidden = !caps.negative_prompt;
+  renderLoras(caps.loras || []);
   $("#seed").value = randomSeed();
   showMode();
+}
+
+// The server's LoRAs (fluxforge serve --lora NAME=FILE): a checkbox and a scale each, none on by default.
+function renderLoras(loras) {
+  const list = $("#lora-list");
+  list.replaceChildren();
+  $("#lora-field").hidden = loras.length === 0;
+  for (const lora of loras) {
+    const row = document.createElement("div");
+    row.className = "lora";
+    const use = document.createElement("input");
+    use.type = "checkbox";
+    use.id = `lora-${lora.name}`;
+    use.dataset.name = lora.name;
+    const label = document.createElement("label");
+    label.htmlFor = use.id;
+    label.textContent = `${lora.name} (${lora.kind}, ${lora.layout})`;
+    const scale = document.createElement("input");
+    scale.type = "number";
+    scale.step = "0.1";
+    scale.value = "1";
+    scale.setAttribute("aria-label", `${lora.name} scale`);
+    scale.className = "lora-scale";
+    row.append(use, label, scale);
+    list.append(row);
+  }
+}
+
+function chosenLoras() {
+  return [...document.querySelectorAll("#lora-list .lora")]
+    .filter((row) => row.querySelector("input[type=checkbox]").checked)
+    .map((row) => ({
+      name: row.querySelector("input[type=checkbox]").dataset.name,
+      scale: Number(row.querySelector(".lora-scale").value),
+    }));
 }
 
 function randomSeed() {
@@ -307,6 +343,8 @@ function requestBody() {
     body.strength = Number($("#strength").value);
   }
   if (m === "inpaint" && state.init) body.mask = mask.canvas.toDataURL("image/png");
+  const loras = chosenLoras();
+  if (loras.length) body.loras = loras;
   return body;
 }
 
