@@ -429,3 +429,13 @@ def test_an_adapter_follows_the_model_to_another_dtype(files):
     x = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs(2).items()}
     assert torch.equal(run_ours(moved, x), run_ours(direct, x))
     assert run_ours(moved, x).dtype == torch.bfloat16
+
+
+def test_half_a_lokr_factor_and_broken_metadata_are_errors(files):
+    model = ours_from(tiny_diffusers_transformer(**DIT))
+    half = {k: v for k, v in files["simpletuner lokr"].items() if not k.endswith("lokr_w1_b")}
+    with pytest.raises(LoraError) as err:
+        read_lora(half, model)
+    assert "lokr_w1 must be given whole or as lokr_w1_a and lokr_w1_b" in str(err.value)
+    with pytest.raises(LoraError, match="lora_adapter_metadata is not a JSON object"):
+        read_lora(files["diffusers"], model, metadata={"lora_adapter_metadata": "{not json"})

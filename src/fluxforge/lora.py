@@ -167,7 +167,7 @@ def read_lora(
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     index = _module_index(model)
-    config = _metadata_config(meta)
+    config = _metadata_config(meta, where)
     groups: dict[str, dict[str, Tensor]] = {}
     unmatched: list[str] = []
     for key, tensor in state.items():
@@ -193,7 +193,7 @@ def read_lora(
             bad += len(keys)
             continue
         try:
-            made = _changes(parts, targets, config, module)
+            made = _changes(parts, targets, config)
         except _Mismatch as exc:
             shapes.append(f"{module}: {exc}")
             bad += len(keys)
@@ -273,12 +273,20 @@ def _module_index(model: nn.Module) -> dict[str, list[Target]]:
 
 
 class _Mismatch(ValueError):
-    pass
+    """A file module whose tensors do not make a change of its target layers' shape."""
 
 
-def _changes(
-    parts: dict[str, Tensor], targets: list[Target], config: dict, module: str
-) -> list[tuple[str, Change]]:
+def _factor(parts: dict[str, Tensor], name: str) -> tuple[Tensor, ...]:
+    """One LoKr factor, whole (lokr_w1) or as a @ b (lokr_w1_a, lokr_w1_b); never both, never half."""
+    whole, a, b = (parts.get(f"{name}{s}") for s in ("", "_a", "_b"))
+    if whole is not None and a is None and b is None:
+        return (whole,)
+    if whole is None and a is not None and b is not None:
+        return (a, b)
+    raise _Mismatch(f"{name} must be given whole or as {name}_a and {name}_b")
+
+
+def _changes(parts: dict[str, Tensor], targets: list[Target], config: dict) -> list[tuple[str, Change]]:
     """The changes one file module makes to each of its target Linears."""
     rows = targets[-1][2]
     if "lora_A.weight" in parts or "lora_down.weight" in parts:
@@ -287,7 +295,7 @@ def _changes(
         if up is None or down is None or down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
             raise _Mismatch("an incomplete or misshapen down / up pair")
         rank = down.shape[0]
-        _fits(up.shape[0], down.shape[1], rows, targets, module)
+        _fits(up.shape[0], down.shape[1], rows, targets)
         if "alpha" in parts or "lora_down.weight" in parts:  # kohya's convention: alpha / rank
             alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
             scale = alpha / rank
@@ -300,15 +308,16 @@ def _changes(
                 rows_up = torch.cat(rows_up.chunk(2)[::-1])
             made.append((target, LowRank(down, rows_up.contiguous(), scale)))
         return made
-    w1 = tuple(parts[k] for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b") if k in parts)
-    w2 = tuple(parts[k] for k in ("lokr_w2", "lokr_w2_a", "lokr_w2_b") if k in parts)
-    if len(w1) not in (1, 2) or len(w2) not in (1, 2) or ("lokr_w1" in parts) == (len(w1) == 2):
-        raise _Mismatch("an incomplete LoKr factor set")
-    if len(w2) == 2 and "lokr_w2" in parts:
-        raise _Mismatch("lokr_w2 both whole and decomposed")
+    w1, w2 = _factor(parts, "lokr_w1"), _factor(parts, "lokr_w2")
+    if (
+        any(t.ndim != 2 for t in (*w1, *w2))
+        or (len(w1) == 2 and w1[0].shape[1] != w1[1].shape[0])
+        or (len(w2) == 2 and w2[0].shape[1] != w2[1].shape[0])
+    ):
+        raise _Mismatch("misshapen LoKr factors")
     out1, in1 = (w1[0].shape[0], w1[-1].shape[1])
     out2, in2 = (w2[0].shape[0], w2[-1].shape[1])
-    _fits(out1 * out2, in1 * in2, rows, targets, module)
+    _fits(out1 * out2, in1 * in2, rows, targets)
     decomposed = len(w1) == 2 or len(w2) == 2
     if "alpha" in parts:
         rank = w2[1].shape[0] if len(w2) == 2 else w1[1].shape[0] if len(w1) == 2 else None
@@ -321,13 +330,13 @@ def _changes(
     ]
 
 
-def _fits(out: int, inp: int, rows: int, targets: list[Target], module: str) -> None:
+def _fits(out: int, inp: int, rows: int, targets: list[Target]) -> None:
     width = targets[0][4]
     if (out, inp) != (rows, width):
         raise _Mismatch(f"a delta of [{out}, {inp}] for a layer of [{rows}, {width}]")
 
 
-def _metadata_config(meta: Mapping[str, str]) -> dict:
+def _metadata_config(meta: Mapping[str, str], where: str) -> dict:
     """The PEFT config diffusers stores under "lora_adapter_metadata", without its "transformer." prefix."""
     raw = meta.get("lora_adapter_metadata")
     if not raw:
@@ -335,7 +344,11 @@ def _metadata_config(meta: Mapping[str, str]) -> dict:
     try:
         data = json.loads(raw)
     except ValueError:
-        return {}
+        data = None
+    if not isinstance(data, dict):
+        raise LoraError(
+            "the file's lora_adapter_metadata is not a JSON object, so its scaling is unknown", path=where
+        )
     return {k.removeprefix("transformer."): v for k, v in data.items()}
 
 
