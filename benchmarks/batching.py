@@ -1,7 +1,8 @@
-"""Throughput of the server's worker with N compatible text-to-image requests waiting together, run one by
-one (--max-batch 1) and as one batch (--max-batch N), in process with the demo model.
+"""Throughput of the server's worker with N compatible requests waiting together, run one by one
+(--max-batch 1) and as one batch (--max-batch N), in process with the demo model: text-to-image, or with
+the same reference image (--mode references) or init image (--mode img2img), which a batch shares.
 
-    python benchmarks/batching.py [--steps 12] [--repeats 3] [--size 64]
+    python benchmarks/batching.py [--mode text-to-image] [--steps 12] [--repeats 3] [--size 64]
 
 N jobs are queued behind a short blocker job; the clock starts when the blocker ends and stops when all N
 have finished (medians of the repeats).
@@ -22,7 +23,24 @@ from fluxforge.server.protocol import JobBody, job_submission
 PROMPTS = ["a red circle on a blue background, top left", "a yellow star on a green background, center"]
 
 
-def run(pipe: ff.Pipeline, data: Path, n: int, max_batch: int, steps: int, size: int) -> float:
+def images(mode: str) -> dict:
+    """The request fields of a mode: one 64 x 64 picture, the same for every job."""
+    import base64
+    import io
+
+    import PIL.Image
+
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return {
+        "text-to-image": {},
+        "references": {"references": [url]},
+        "img2img": {"init_image": url, "strength": 0.6},
+    }[mode]
+
+
+def run(pipe: ff.Pipeline, data: Path, n: int, max_batch: int, steps: int, size: int, mode: str) -> float:
     app = create_app(Settings(data=data, max_queue=64, max_batch=max_batch), load=lambda: pipe)
     service = app.state.service
     service.start()
@@ -31,7 +49,9 @@ def run(pipe: ff.Pipeline, data: Path, n: int, max_batch: int, steps: int, size:
     blocker, _ = service.admit(job_submission(JobBody(prompt=PROMPTS[0], steps=20, seed=0)))
     jobs = [
         service.admit(
-            job_submission(JobBody(prompt=PROMPTS[i % 2], steps=steps, seed=i, width=size, height=size))
+            job_submission(
+                JobBody(prompt=PROMPTS[i % 2], steps=steps, seed=i, width=size, height=size, **images(mode))
+            )
         )[0]
         for i in range(n)
     ]
@@ -53,15 +73,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mode", choices=("text-to-image", "references", "img2img"), default="text-to-image")
     args = parser.parse_args()
     pipe = ff.Pipeline.from_pretrained()
-    print(f"demo model, {args.size}x{args.size}, {args.steps} steps (CFG), medians of {args.repeats}")
+    print(
+        f"demo model, {args.mode}, {args.size}x{args.size}, {args.steps} steps (CFG), "
+        f"medians of {args.repeats}"
+    )
     print(f"{'waiting':>8s} {'one by one':>12s} {'batched':>12s} {'gain':>6s}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in (1, 2, 4, 8):
             times = {}
             for max_batch in (1, n):
-                runs = [run(pipe, Path(tmp) / f"{n}-{max_batch}-{r}", n, max_batch, args.steps, args.size)
+                folder = Path(tmp) / f"{n}-{max_batch}"
+                runs = [run(pipe, folder / str(r), n, max_batch, args.steps, args.size, args.mode)
                         for r in range(args.repeats)]  # fmt: skip
                 times[max_batch] = statistics.median(runs)
             alone, batched = times[1], times[n]

@@ -259,6 +259,58 @@ def test_waiting_compatible_jobs_run_as_one_batch_with_their_solo_images(pipe, t
     service.stop()
 
 
+def test_jobs_with_the_same_images_batch_in_every_mode(pipe, tmp_path):
+    """References, an init image and a mask are shared by a batch: jobs that send the same ones (and the
+    same settings) run together, each with its solo image; other images, another mode: alone."""
+    from serving import png
+
+    service, blocker = _blocked_service(pipe, tmp_path, max_batch=8)
+    ref, other_ref = png((64, 64), (200, 30, 30)), png((64, 64), (30, 30, 200))
+    init = png((64, 64), (20, 160, 60))
+    mask = np.zeros((64, 64, 4), np.uint8)
+    mask[..., 3] = 255
+    mask[16:48, 16:48, 3] = 0  # OpenAI's convention here: alpha 0 repaints
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(mask).save(buffer, format="PNG")
+    mask_png = buffer.getvalue()
+    b64 = lambda data: "data:image/png;base64," + __import__("base64").b64encode(data).decode()  # noqa: E731
+    prompts = [PROMPT, "a yellow star on a green background, center", "a white square on a black background"]
+    cases = {
+        "references": dict(references=[b64(ref)]),
+        "img2img": dict(init_image=b64(init), strength=0.6),
+        "inpaint": dict(init_image=b64(init), mask=b64(mask_png), mask_alpha_is_repaint=True, strength=0.8),
+    }
+    jobs = {}
+    for mode, extra in cases.items():
+        jobs[mode] = [
+            service.admit(job_submission(JobBody(prompt=p, steps=3, seed=20 + i, **extra)))[0]
+            for i, p in enumerate(prompts)
+        ]
+    alone, _ = service.admit(
+        job_submission(JobBody(prompt=PROMPT, steps=3, seed=5, references=[b64(other_ref)]))
+    )
+    service.cancel(blocker.id)
+    ids = [j.id for js in jobs.values() for j in js] + [alone.id]
+    done = {j.id: j for j in _wait_final(service, ids)}
+    assert all(j.status == "succeeded" for j in done.values()), [j.error for j in done.values()]
+    assert done[alone.id].result["info"].get("batch_size") is None
+    images = {"references": [ref], "img2img": [], "inpaint": []}
+    for mode, js in jobs.items():
+        assert [done[j.id].result["info"].get("batch_size") for j in js] == [3, 3, 3], mode
+        for i, job in enumerate(js):
+            job = done[job.id]
+            got = np.asarray(PIL.Image.open(service.store.folder(job.id) / job.result["images"][0]["file"]))
+            kwargs = {"references": [PIL.Image.open(io.BytesIO(d)) for d in images[mode]]}
+            if mode != "references":
+                kwargs.update(init_image=PIL.Image.open(io.BytesIO(init)), strength=cases[mode]["strength"])
+            if mode == "inpaint":
+                kwargs.update(mask=PIL.Image.open(io.BytesIO(mask_png)), mask_alpha_is_repaint=True)
+            solo = np.asarray(pipe.generate(prompts[i], seed=20 + i, steps=3, **kwargs).images[0])
+            assert job.result["info"]["mode"] == mode
+            assert np.abs(got.astype(int) - solo.astype(int)).max() <= 2, mode  # batched rounding, as above
+    service.stop()
+
+
 def test_cancel_in_a_batch_stops_it_and_requeues_the_others(pipe, tmp_path):
     service, blocker = _blocked_service(pipe, tmp_path, max_batch=4)
     jobs = [service.admit(job_submission(JobBody(prompt=PROMPT, steps=300, seed=i)))[0] for i in range(3)]

@@ -44,7 +44,7 @@ from fluxforge.server.protocol import (
     Submission,
     api_error,
 )
-from fluxforge.server.worker import LocalWorker, Webhooks, Worker
+from fluxforge.server.worker import LocalWorker, Webhooks, Worker, inputs_digest
 
 log = logging.getLogger("fluxforge.server")
 
@@ -231,6 +231,8 @@ class Service:
             images=plan.batch,
             steps=plan.steps,
         )
+        if sub.inputs:
+            options["inputs"] = inputs_digest(sub.inputs)  # jobs with the same images may batch
         job_id = self.store.new_id()
         folder = self.store.folder(job_id)
         folder.mkdir(parents=True)

@@ -393,15 +393,27 @@ def pipeline_info(pipe: Pipeline) -> dict[str, Any]:
     }
 
 
+def inputs_digest(inputs: dict[str, Any]) -> str:
+    """A digest of a submission's images by slot (references in order, init image, mask): jobs with the
+    same images can run as one batch, since a request's images are shared by its whole batch."""
+    digest = hashlib.sha256()
+    for slot in sorted(inputs):
+        for data in inputs[slot] if isinstance(inputs[slot], list) else [inputs[slot]]:
+            digest.update(f"{slot}:{len(data)}:".encode())
+            digest.update(data)
+    return digest.hexdigest()
+
+
 def batch_key(job: Job) -> tuple | None:
-    """What must be equal for jobs to run as one batch (text-to-image only, for now): everything that shapes
-    the computation; only prompts and seeds may differ. None: this job runs alone."""
-    p = job.params
-    if job.inputs or job.options.get("mode") != "text-to-image" or not isinstance(p.get("prompt"), str):
+    """What must be equal for jobs to run as one batch: everything that shapes the computation, and the
+    input images themselves (references, init image and mask are shared by a batch); only prompts and
+    seeds may differ. None: this job runs alone."""
+    p, o = job.params, job.options
+    if not isinstance(p.get("prompt"), str) or (job.inputs and "inputs" not in o):
         return None
-    o = job.options
-    return (o["width"], o["height"], o["steps"], o["images"], p.get("guidance"), p.get("negative_prompt"),
-            p.get("max_sequence_length"), tuple(sorted((p.get("loras") or {}).items())))  # fmt: skip
+    return (o["mode"], o.get("inputs"), o["width"], o["height"], o["steps"], o["images"], p.get("guidance"),
+            p.get("negative_prompt"), p.get("max_sequence_length"), p.get("strength"),
+            p.get("mask_alpha_is_repaint"), tuple(sorted((p.get("loras") or {}).items())))  # fmt: skip
 
 
 def split(result: GenerationResult, parts: int) -> list[GenerationResult]:
