@@ -427,7 +427,7 @@ def _parser() -> _Parser:
         type=_positive,
         default=1,
         metavar="N",
-        help="run up to N waiting text-to-image jobs of the same shape as one batch (1: off; each image "
+        help="run up to N waiting jobs of the same shape and input images as one batch (1: off; each image "
         "stays its seed's, up to batched rounding)",
     )
     srv.add_argument(

@@ -74,7 +74,7 @@ class Settings:
     retention: float = 7 * 24 * 3600.0  # s finished jobs and their files are kept
     keepalive: float = 15.0  # s between SSE keep-alive comments
     cache_sizes: dict[str, int] | None = None  # bytes per cache (fluxforge.cache); None: the defaults
-    max_batch: int = 1  # compatible waiting text-to-image jobs run as one batch of up to this many
+    max_batch: int = 1  # compatible waiting jobs (same shape and images) run as one batch of up to this many
     loras: tuple[tuple[str, str], ...] = ()  # (name, file): loaded at start, none active unless asked for
     offload: bool = False  # networks on the CPU between stages, each on `device` while it runs
 
