@@ -23,44 +23,62 @@ def grid_ids(h: int, w: int, t: int = 0) -> torch.Tensor:
     return torch.stack([torch.full_like(hh, t), hh, ww, torch.zeros_like(hh)], dim=-1).reshape(-1, 4)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def size_options(parser: argparse.ArgumentParser, heads: int = 8, repeats: int = 7) -> None:
+    """The model and input sizes the transformer benchmarks take."""
     parser.add_argument(
         "--dtype",
         choices=["bfloat16", "float32"],
         help="default: bf16 where the CPU has it natively, else fp32",
     )
-    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=heads)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--single-layers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=1024, help="noisy image tokens (a square grid)")
     parser.add_argument("--text", type=int, default=512, help="text tokens")
-    parser.add_argument("--refs", type=int, default=1, help="reference images of the same size, for KV")
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-    dtype = fastest_dtype(args.dtype)
-    torch.manual_seed(0)
+    parser.add_argument("--repeats", type=int, default=repeats)
 
-    config = dict(
+
+def config_of(args: argparse.Namespace, text_width: int = 3 * 512) -> dict:
+    """diffusers' Flux2Transformer2DModel arguments for these sizes (head dim 128, as every FLUX.2 model)."""
+    return dict(
         num_layers=args.layers,
         num_single_layers=args.single_layers,
         num_attention_heads=args.heads,
-        joint_attention_dim=3 * 512,
+        joint_attention_dim=text_width,
         guidance_embeds=False,
     )
-    ref = Flux2Transformer2DModel(**config).to(dtype).eval()
+
+
+def pair(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Flux2Transformer2DModel, Flux2Transformer]:
+    """diffusers' transformer with random weights, and fluxforge's with the same weights."""
+    torch.manual_seed(0)
+    ref = Flux2Transformer2DModel(**config_of(args)).to(dtype).eval()
     ours = Flux2Transformer(TransformerConfig.from_dict(dict(ref.config))).to(dtype).eval()
     ours.load_state_dict(ref.state_dict())
+    return ref, ours
 
+
+def step_inputs(args: argparse.Namespace, dtype: torch.dtype, channels: int = 128, text_width: int = 3 * 512):
+    """(img, txt, t, img_ids, txt_ids) of one step: a square grid of --tokens and --text text tokens."""
     side = int(args.tokens**0.5)
-    img_ids = grid_ids(side, side)
-    ref_ids = torch.cat([grid_ids(side, side, t=10 * (i + 1)) for i in range(args.refs)])
     txt_ids = torch.zeros(args.text, 4, dtype=torch.long)
     txt_ids[:, 3] = torch.arange(args.text)
-    img = torch.randn(1, side * side, 128, dtype=dtype)
+    img = torch.randn(1, side * side, channels, dtype=dtype)
+    txt = torch.randn(1, args.text, text_width, dtype=dtype)
+    return img, txt, torch.tensor([0.7]), grid_ids(side, side), txt_ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size_options(parser)
+    parser.add_argument("--refs", type=int, default=1, help="reference images of the same size, for KV")
+    args = parser.parse_args()
+    dtype = fastest_dtype(args.dtype)
+    ref, ours = pair(args, dtype)
+    img, txt, t, img_ids, txt_ids = step_inputs(args, dtype)
+    side = int(args.tokens**0.5)
+    ref_ids = torch.cat([grid_ids(side, side, t=10 * (i + 1)) for i in range(args.refs)])
     refs = torch.randn(1, ref_ids.shape[0], 128, dtype=dtype)
-    txt = torch.randn(1, args.text, 3 * 512, dtype=dtype)
-    t = torch.tensor([0.7])
 
     cases = {
         "text-to-image step": (

@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_transformer import grid_ids
-from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+from bench_transformer import pair, size_options, step_inputs
+from diffusers import Flux2KleinPipeline
 from sidebyside import fastest_dtype, side_by_side  # noqa: E402  (benchmarks/, on sys.path as a script)
 
-from fluxforge.config import TransformerConfig
 from fluxforge.lora import LoraSet, read_lora
-from fluxforge.model.transformer import Flux2Transformer
 
 
 def lora_file(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
@@ -33,36 +31,14 @@ def lora_file(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"])
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--single-layers", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--text", type=int, default=512)
+    size_options(parser)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     dtype = fastest_dtype(args.dtype)
-    torch.manual_seed(0)
-    config = dict(
-        num_layers=args.layers,
-        num_single_layers=args.single_layers,
-        num_attention_heads=args.heads,
-        joint_attention_dim=3 * 512,
-        guidance_embeds=False,
-    )
-    ref = Flux2Transformer2DModel(**config).to(dtype).eval()
-    ours = Flux2Transformer(TransformerConfig.from_dict(dict(ref.config))).to(dtype).eval()
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = pair(args, dtype)
     state = {k: v.to(dtype) for k, v in lora_file(ref, args.rank).items()}
-
+    img, txt, t, img_ids, txt_ids = step_inputs(args, dtype)
     side = int(args.tokens**0.5)
-    img_ids = grid_ids(side, side)
-    txt_ids = torch.zeros(args.text, 4, dtype=torch.long)
-    txt_ids[:, 3] = torch.arange(args.text)
-    img = torch.randn(1, side * side, 128, dtype=dtype)
-    txt = torch.randn(1, args.text, 3 * 512, dtype=dtype)
-    t = torch.tensor([0.7])
 
     def theirs() -> object:
         return ref(img, txt, t, img_ids, txt_ids, return_dict=False)

@@ -14,7 +14,7 @@ import argparse
 from collections import defaultdict
 
 import torch
-from bench_transformer import grid_ids
+from bench_transformer import config_of, size_options, step_inputs
 from sidebyside import fastest_dtype  # noqa: E402  (benchmarks/, on sys.path as a script)
 
 from fluxforge.config import TransformerConfig
@@ -28,34 +28,17 @@ GROUPS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", type=int, default=24)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--single-layers", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--text", type=int, default=512)
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"])
-    parser.add_argument("--repeats", type=int, default=3)
+    size_options(parser, heads=24, repeats=3)
     args = parser.parse_args()
     dtype = fastest_dtype(args.dtype)
-    config = TransformerConfig(
-        num_layers=args.layers,
-        num_single_layers=args.single_layers,
-        num_attention_heads=args.heads,
-        joint_attention_dim=3 * 2560,
-        guidance_embeds=False,
-    )
+    config = TransformerConfig.from_dict(config_of(args, text_width=3 * 2560))
     with torch.device("meta"):
         model = Flux2Transformer(config)
     model = model.to_empty(device="cpu").to(dtype).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
+    img, txt, t, img_ids, txt_ids = step_inputs(args, dtype, config.in_channels, config.joint_attention_dim)
     side = int(args.tokens**0.5)
-    img_ids = grid_ids(side, side)
-    txt_ids = torch.zeros(args.text, 4, dtype=torch.long)
-    txt_ids[:, 3] = torch.arange(args.text)
-    img = torch.randn(1, side * side, config.in_channels, dtype=dtype)
-    txt = torch.randn(1, args.text, config.joint_attention_dim, dtype=dtype)
-    t = torch.tensor([0.7])
     with torch.inference_mode():
         model(img, txt, t, img_ids, txt_ids)  # warm-up
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -41,7 +41,7 @@ from fluxforge.pipeline import GenerationRequest, GenerationResult
 from fluxforge.preview import Previewer
 from fluxforge.sampling import StepInfo
 from fluxforge.server.app import Settings, create_app, load_pipeline
-from fluxforge.server.worker import LocalWorker, ReplicaLost, facts_of, pipeline_info
+from fluxforge.server.worker import LocalWorker, ReplicaLost, facts_of, pipeline_info, run_jobs
 
 log = logging.getLogger("fluxforge.server")
 
@@ -80,11 +80,9 @@ class ModelReplica:
             )
             loop.call_soon_threadsafe(events.put_nowait, ("step", step))
 
-        def work() -> GenerationResult:
-            self.pipe.limits = dataclasses.replace(self.limits, max_images=max_images)
-            return self.pipe.run(request, on_step=on_step, cancel=cancel)
-
-        task = loop.run_in_executor(None, work)
+        task = loop.run_in_executor(
+            None, run_jobs, self.pipe, self.limits, request, max_images, on_step, cancel
+        )
         try:
             while not (task.done() and events.empty()):
                 getter = asyncio.ensure_future(events.get())

@@ -216,11 +216,7 @@ class LocalWorker:
         max_images: int,
     ) -> GenerationResult:
         """Run one request (a job, or a batch of jobs) on the model."""
-        self.pipeline.limits = dataclasses.replace(self.limits, max_images=max_images)
-        try:
-            return self.pipeline.run(request, on_step=on_step, cancel=cancel)
-        finally:
-            self.pipeline.limits = self.limits
+        return run_jobs(self.pipeline, self.limits, request, max_images, on_step, cancel)
 
     # ---------------------------------------------------------------------------------------------------
 
@@ -363,6 +359,23 @@ class LocalWorker:
                     self.jobs.publish(job.id, "preview", data, persist=False)
 
         return on_step
+
+
+def run_jobs(
+    pipe: Pipeline,
+    limits: Limits,
+    request: GenerationRequest,
+    max_images: int,
+    on_step: Callable[[StepInfo], None],
+    cancel: threading.Event,
+) -> GenerationResult:
+    """`pipe.run` for a request that may hold a batch of jobs: each passed the limits on arrival, and
+    together they may hold more images than one request may."""
+    pipe.limits = dataclasses.replace(limits, max_images=max_images)
+    try:
+        return pipe.run(request, on_step=on_step, cancel=cancel)
+    finally:
+        pipe.limits = limits
 
 
 def facts_of(pipe: Pipeline, previewer: Previewer | None) -> ModelFacts:
