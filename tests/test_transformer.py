@@ -149,6 +149,24 @@ def test_kv_extract_and_cached_match_diffusers(guidance_embeds, batch):
     assert (got - expected).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("guidance_embeds", [False, True])
+def test_reference_kv_alone_matches_the_diffusers_extract(guidance_embeds):
+    """The pipelines' path: the references' K/V from their tokens alone (no text, no noisy tokens; the last
+    layer computes only its keys and values) are diffusers' extract-step K/V for any prompt and noise."""
+    ref = kv_reference_model(guidance_embeds)
+    ours = ours_from(ref)
+    x, refs, ref_ids = kv_inputs(1)
+    guidance = torch.full((1,), 4.0) if guidance_embeds else None
+    step0 = dict(x, img=torch.cat([refs, x["img"]], 1), img_ids=torch.cat([ref_ids, x["img_ids"]]))
+    _, cache = diffusers_call(ref, step0, guidance, kv_cache_mode="extract", num_ref_tokens=ref_ids.shape[0])
+    with torch.no_grad():
+        kv = ours.reference_kv(refs, ref_ids, guidance)
+    theirs = cache.double_block_caches + cache.single_block_caches
+    for mine, them in zip(kv.double + kv.single, theirs, strict=True):
+        assert mine[0].shape == them.k_ref.shape and mine[1].is_contiguous()
+        assert (mine[0] - them.k_ref).abs().max() <= TOL and (mine[1] - them.v_ref).abs().max() <= TOL
+
+
 def extract_step(model, x, refs, ref_ids):
     """forward_extract with the references placed before the noisy tokens."""
     img, ids = torch.cat([refs, x["img"]], 1), torch.cat([ref_ids, x["img_ids"]])

@@ -23,7 +23,7 @@ reference_kv=...)` reuses them in later steps without recomputing the reference 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -141,7 +141,10 @@ def _cached_attention(n_txt: int, k_ref: Tensor, v_ref: Tensor) -> Attend:
 
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         batch = q.shape[0]
-        kr, vr = k_ref.expand(batch, -1, -1, -1), v_ref.expand(batch, -1, -1, -1)
+        if k_ref.shape[0] == 1:  # one copy for the whole batch
+            kr, vr = k_ref.expand(batch, -1, -1, -1), v_ref.expand(batch, -1, -1, -1)
+        else:  # one row per image (or per image twice, for batched CFG)
+            kr, vr = (t.repeat(batch // k_ref.shape[0], 1, 1, 1) for t in (k_ref, v_ref))
         k = torch.cat([k[:, :n_txt], kr.to(k.dtype), k[:, n_txt:]], dim=1)
         v = torch.cat([v[:, :n_txt], vr.to(v.dtype), v[:, n_txt:]], dim=1)
         return _full_attention(q, k, v)
@@ -297,6 +300,16 @@ class SingleStreamAttention(nn.Module):
         out = attend(q, k, v).flatten(2)
         return self.to_out(torch.cat([out, F.silu(gate) * value], dim=-1))
 
+    def keys_values(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Only the k (after QK-norm and RoPE) and v that `forward` computes: what the reference K/V of the
+        last layer need, without its attention and output projection."""
+        k, v = (
+            self.to_qkv_mlp_proj(x)[..., self.dim : 3 * self.dim]
+            .unflatten(-1, (2, -1, self.head_dim))
+            .unbind(2)
+        )
+        return apply_rope(self.norm_k(k), cos, sin), v.contiguous()  # its own storage, not the projection's
+
 
 class SingleStreamBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -311,6 +324,10 @@ class SingleStreamBlock(nn.Module):
         x = x + gate * self.attn(_modulate(x, shift, scale, self.eps), cos, sin, attend)
         return _clamp_fp16(x)
 
+    def keys_values(self, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        shift, scale, _ = mod.chunk(3, dim=-1)
+        return self.attn.keys_values(_modulate(x, shift, scale, self.eps), cos, sin)
+
 
 class OutputNorm(nn.Module):
     """LN(x) * (1 + scale) + shift with (scale, shift) = Linear(SiLU(temb)); scale comes first."""
@@ -320,8 +337,11 @@ class OutputNorm(nn.Module):
         self.eps = eps
         self.linear = nn.Linear(dim, 2 * dim, bias=False)
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        scale, shift = self.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=-1)
+    def modulation(self, temb: Tensor) -> Tensor:
+        return self.linear(F.silu(temb).to(self.linear.weight.dtype))  # [B, 2D]: scale | shift
+
+    def forward(self, x: Tensor, modulation: Tensor) -> Tensor:
+        scale, shift = modulation.chunk(2, dim=-1)
         return _modulate(x, shift[:, None], scale[:, None], self.eps)
 
 
@@ -364,11 +384,15 @@ class Flux2Transformer(nn.Module):
         guidance: Tensor | None = None,
         *,
         reference_kv: ReferenceKV | None = None,
+        row_groups: Sequence[int] | None = None,
     ) -> Tensor:
         """Velocity for every image-stream token: [B, S_img, C].
 
         With `reference_kv`, the cached reference keys and values join every attention (between text and
-        image keys), exactly as if the reference tokens were in the sequence."""
+        image keys), exactly as if the reference tokens were in the sequence. `row_groups` (row counts that
+        sum to B): the batch is several requests, and each group's timestep embedding and modulation are
+        computed on its own rows, as they are when it runs alone (products of one row and of several round
+        differently, and these are the only per-image products whose rows are few)."""
         if reference_kv is not None and (len(reference_kv.double), len(reference_kv.single)) != (
             len(self.transformer_blocks),
             len(self.single_transformer_blocks),
@@ -378,7 +402,9 @@ class Flux2Transformer(nn.Module):
                 f"this model has {len(self.transformer_blocks)} + {len(self.single_transformer_blocks)}: "
                 "it was extracted by another model"
             )
-        return self._run(img, txt, timestep, img_ids, txt_ids, guidance, reference_kv=reference_kv)[0]
+        return self._run(
+            img, txt, timestep, img_ids, txt_ids, guidance, reference_kv=reference_kv, row_groups=row_groups
+        )[0]
 
     def forward_extract(
         self,
@@ -461,6 +487,7 @@ class Flux2Transformer(nn.Module):
         num_ref: int = 0,
         ref_timestep: float = 0.0,
         reference_kv: ReferenceKV | None = None,
+        row_groups: Sequence[int] | None = None,
     ) -> tuple[Tensor, ReferenceKV | None]:
         img_pos, txt_pos = _positions(img_ids, "img_ids"), _positions(txt_ids, "txt_ids")
         self._check_inputs(img, txt, timestep, img_pos, txt_pos)
@@ -469,10 +496,23 @@ class Flux2Transformer(nn.Module):
         # Cast before x1000, as the reference does (this quantizes t and g in bf16). [B], [1] or a scalar.
         t = timestep.to(img.dtype).reshape(-1) * 1000
         g = guidance.to(img.dtype).reshape(-1) * 1000 if guidance is not None else None
-        temb = self.time_guidance_embed(t, g)  # [B, D]
-        mod_img = self.double_stream_modulation_img(temb)  # [B, 1, 6D]
-        mod_txt = self.double_stream_modulation_txt(temb)  # [B, 1, 6D]
-        mod_single = self.single_stream_modulation(temb)  # [B, 1, 3D]
+        if row_groups is not None:
+            if sum(row_groups) != img.shape[0]:
+                raise ValueError(f"row_groups {list(row_groups)} must add up to the batch, {img.shape[0]}")
+            if len(row_groups) < 2 or t.shape[0] != img.shape[0]:
+                row_groups = None  # one group, or one timestep for the whole batch: nothing to split
+
+        def grouped(fn: Callable[..., Tensor], *xs: Tensor | None) -> Tensor:
+            if row_groups is None:
+                return fn(*xs)
+            parts = [x.split(list(row_groups)) if x is not None else [None] * len(row_groups) for x in xs]
+            return torch.cat([fn(*group) for group in zip(*parts, strict=True)])
+
+        temb = grouped(self.time_guidance_embed, t, g)  # [B, D]
+        mod_img = grouped(self.double_stream_modulation_img, temb)  # [B, 1, 6D]
+        mod_txt = grouped(self.double_stream_modulation_txt, temb)  # [B, 1, 6D]
+        mod_single = grouped(self.single_stream_modulation, temb)  # [B, 1, 3D]
+        alone = num_ref == img.shape[1] and n_txt == 0  # the reference tokens alone (`reference_kv`)
         if num_ref:
             # Reference tokens are modulated with a fixed timestep: per-token modulation [B, S, .].
             ref_temb = self.time_guidance_embed(torch.full_like(t, ref_timestep * 1000), g)
@@ -480,6 +520,9 @@ class Flux2Transformer(nn.Module):
                 self.double_stream_modulation_img(ref_temb),
                 self.single_stream_modulation(ref_temb),
             )
+        if alone:  # one modulation for every token: no per-token copy of it
+            mod_img, mod_single = ref_img, ref_single
+        elif num_ref:
             mod_img = torch.cat([ref_img.expand(-1, num_ref, -1), mod_img.expand(-1, n_img, -1)], dim=1)
             mod_single = torch.cat(
                 [
@@ -501,6 +544,11 @@ class Flux2Transformer(nn.Module):
             img, txt = block(img, txt, mod_img, mod_txt, cos, sin, attend)
         x = torch.cat([txt, img], dim=1)  # [B, S_txt + S_img, D]
         for i, block in enumerate(self.single_transformer_blocks):
+            if alone and i + 1 == len(self.single_transformer_blocks):
+                # Nothing reads the references' outputs: the last layer only needs their keys and values.
+                k, v = block.keys_values(x, mod_single, cos, sin)
+                single_kv.append((k, v))
+                return x[:, :0], ReferenceKV(double_kv, single_kv, num_ref)
             x = block(
                 x,
                 mod_single,
@@ -508,7 +556,7 @@ class Flux2Transformer(nn.Module):
                 sin,
                 _attention(n_txt, num_ref, single_kv, reference_kv and reference_kv.single[i]),
             )
-        out = self.proj_out(self.norm_out(x[:, n_txt + num_ref :], temb))
+        out = self.proj_out(self.norm_out(x[:, n_txt + num_ref :], grouped(self.norm_out.modulation, temb)))
         kv = ReferenceKV(double_kv, single_kv, num_ref) if num_ref else None
         return out, kv
 
