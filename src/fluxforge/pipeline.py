@@ -18,7 +18,6 @@ references, init image and mask are shared by the whole batch. Image b is drawn 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
@@ -42,7 +41,16 @@ from fluxforge.model.autoencoder import AutoEncoder, pack
 from fluxforge.model.text import TextEmbeddings, encode_prompts, text_ids
 from fluxforge.model.transformer import Flux2Transformer, ReferenceKV
 from fluxforge.offload import Offload, accelerator, say_no_accelerator
-from fluxforge.request import GenerationRequest, Limits, ModelSpec, Plan, Validator, reject_unknown
+from fluxforge.request import (
+    GenerationRequest,
+    Limits,
+    ModelSpec,
+    Plan,
+    Validator,
+    batch_signature,
+    check_batch,
+    reject_unknown,
+)
 from fluxforge.sampling import StepInfo, add_noise, denoise, make_schedule, start_step
 from fluxforge.weights import Components, load
 
@@ -285,54 +293,80 @@ class Pipeline:
     ) -> GenerationResult:
         """Run one request. `cancel` set: GenerationCancelled at the next step; `stop()` true: the
         remaining steps are skipped and the latents decoded as they are (diffusers' `pipe._interrupt`)."""
+        return self.run_batch([request], on_step, cancel, stop)[0]
+
+    @torch.no_grad()
+    def run_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_step: Callable[[StepInfo], None] | None = None,
+        cancel: threading.Event | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[GenerationResult]:
+        """Run several requests as one batch, one result each. They must agree on everything that shapes the
+        computation (`request.batch_signature`: mode, size, steps, strength, guidance, the references' and
+        init image's sizes, LoRAs, ...); their prompts, negative prompts, seeds, numbers of images and
+        images may differ. Each request gets the images it gets alone, within the rounding of the larger
+        matrix products (1e-6 in fp32, tests/test_batching.py). Each is checked against `self.limits` alone:
+        the caller decides how many run together."""
         clock = time.perf_counter()
-        plan = self.validate(request)
-        with self.caches.track() as tally, self.loras.applied(request.loras):
-            return self._run(request, plan, on_step, cancel, stop, tally, clock)
+        if not requests:
+            raise ValueError("run_batch needs at least one request")
+        plans = [self.validate(r) for r in requests]
+        check_batch([batch_signature(p, r) for p, r in zip(plans, requests, strict=True)])
+        with self.caches.track() as tally, self.loras.applied(requests[0].loras):
+            return self._run(list(requests), plans, on_step, cancel, stop, tally, clock)
 
     def _run(
         self,
-        request: GenerationRequest,
-        plan: Plan,
+        requests: list[GenerationRequest],
+        plans: list[Plan],
         on_step: Callable[[StepInfo], None] | None,
         cancel: threading.Event | None,
         stop: Callable[[], bool] | None,
         tally: dict[str, dict[str, int]],
         clock: float,
-    ) -> GenerationResult:
-        r, variant = request, self.variant
+    ) -> list[GenerationResult]:
+        r, plan, variant = requests[0], plans[0], self.variant  # the settings all requests share
         timings: dict[str, float] = {}
         dtype, device = self.transformer.dtype, self.device
 
         with self._stage(self.components.text_encoder):
-            text, negative = self._encode_text(r, plan)
+            encoded = [self._encode_text(q, p) for q, p in zip(requests, plans, strict=True)]
+        text = _cat_text([t for t, _ in encoded])
+        negative = _cat_text([n for _, n in encoded]) if plan.cfg else None
         timings["text"], clock = time.perf_counter() - clock, time.perf_counter()
 
         with self._stage(self.vae):
-            refs = self._reference_tokens(plan)
+            refs = self._batch_references(plans, dtype)
             init_tokens = None
             if plan.init_pixels is not None:
-                init_tokens = self._image_tokens(plan.init_pixels).to(device, dtype)
-                init_tokens = init_tokens.expand(plan.batch, -1, -1)
+                init_tokens = _by_rows(
+                    [self._image_tokens(p.init_pixels).to(device, dtype) for p in plans], plans, expand=True
+                )
         timings["encode_images"], clock = time.perf_counter() - clock, time.perf_counter()
 
         h, w = plan.height // self.pixels_per_token, plan.width // self.pixels_per_token
         channels = self.transformer.config.in_channels
-        if r.noise is not None:
-            noise = r.noise
-        else:  # drawn where the generator lives (the CPU for seeds), so a seed means the same on any device
-            noise = draw_noise((plan.batch, channels, h, w), dtype, seeds=plan.seeds, generator=r.generator)
-        noise = pack(noise.to(device, dtype))  # [B, h*w, C]
+
+        def noise_of(q: GenerationRequest, p: Plan) -> Tensor:
+            if q.noise is not None:
+                return q.noise.to(device, dtype)
+            # drawn where the generator lives (the CPU for seeds), so a seed means the same on any device
+            drawn = draw_noise((p.batch, channels, h, w), dtype, seeds=p.seeds, generator=q.generator)
+            return drawn.to(device, dtype)
+
+        noise = pack(torch.cat([noise_of(q, p) for q, p in zip(requests, plans, strict=True)]))  # [B, h*w, C]
         schedule = make_schedule(plan.steps, h * w, variant.scheduler, list(r.sigmas) if r.sigmas else None)
         start = start_step(plan.steps, plan.strength) if plan.strength is not None else 0
         if r.start_latents is not None:
-            x = pack(r.start_latents.to(device, dtype))
+            x = pack(torch.cat([q.start_latents.to(device, dtype) for q in requests]))
         else:
             x = noise if init_tokens is None else add_noise(init_tokens, noise, schedule.sigmas[start])
 
         blend = None
         if plan.mask is not None:
-            keep = 1 - mask_tokens(plan.mask, h, w).to(device, dtype)
+            keep = 1 - _by_rows([mask_tokens(p.mask, h, w).to(device, dtype) for p in plans], plans)
 
             def blend(latents: Tensor, i: int) -> Tensor:
                 last = i + 1 == schedule.num_steps
@@ -340,7 +374,8 @@ class Pipeline:
                 return keep * original + (1 - keep) * latents
 
         with self._stage(self.transformer):
-            velocity = self._velocity(text, negative, refs, grid_ids(h, w).to(device), plan)
+            batches = [p.batch for p in plans]
+            velocity = self._velocity(text, negative, refs, grid_ids(h, w).to(device), plan, batches)
             x = denoise(
                 velocity, x, schedule, start=start, blend=blend, on_step=on_step, cancel=cancel, stop=stop
             )
@@ -355,29 +390,42 @@ class Pipeline:
                     pixels = self.vae.decode_tokens(self._on_vae(x), h, w)
             pil = images.to_pil(pixels)
             timings["decode"] = time.perf_counter() - clock
-        info = {
-            "mode": plan.mode,
+        shared = {
             "variant": variant.name,
-            "prompt": plan.prompts if len(plan.prompts) > 1 else (plan.prompts[0] if plan.prompts else None),
-            "negative_prompt": plan.negative_prompt,
+            "mode": plan.mode,
             "width": plan.width,
             "height": plan.height,
             "steps": schedule.num_steps - start,
             "schedule_steps": schedule.num_steps,
             "guidance": plan.guidance,
             "strength": plan.strength,
-            "num_images": r.num_images,
-            "num_references": len(plan.reference_pixels),
             "reference_sizes": [tuple(p.shape[-1:-3:-1]) for p in plan.reference_pixels],
+            "num_references": len(plan.reference_pixels),
             "max_sequence_length": plan.max_sequence_length,
             "dtype": dtypes.name(dtype),
             "dtype_reason": self.components.dtype.reason if self.components.dtype else None,
-            "timings": timings,
+            "timings": timings,  # of the whole batch
             "vae_tiled": self._tiled(plan.width * plan.height),
             "loras": dict(self.loras.scales),  # the adapters this ran with, and their scales
-            "cache": tally,  # this request's hits and misses per cache
+            "cache": tally,  # this run's hits and misses per cache
         }
-        return GenerationResult(pil, list(plan.seeds) if plan.seeds else [None] * plan.batch, info, x, pixels)
+        if len(requests) > 1:
+            shared["batch_size"] = len(requests)
+        results, row = [], 0
+        for q, p in zip(requests, plans, strict=True):
+            part = slice(row, row + p.batch)
+            row += p.batch
+            prompt = p.prompts if len(p.prompts) > 1 else (p.prompts[0] if p.prompts else None)
+            info = {
+                **shared,
+                "prompt": prompt,
+                "negative_prompt": p.negative_prompt,
+                "num_images": q.num_images,
+            }
+            seeds = list(p.seeds) if p.seeds else [None] * p.batch
+            own = None if pixels is None else pixels[part]
+            results.append(GenerationResult(pil[part], seeds, info, x[part], own))
+        return results
 
     # -----------------------------------------------------------------------------------------------------
 
@@ -440,28 +488,41 @@ class Pipeline:
     def _tiled(self, pixels: int) -> bool:
         return self.tile_above_pixels is not None and pixels > self.tile_above_pixels
 
-    def _reference_kv(self, refs: ReferenceTokens, guidance: Tensor | None) -> ReferenceKV:
-        """The references' K/V for every layer (klein KV), computed from the reference tokens alone, one copy
-        for the whole batch, from the reference-KV cache: they depend only on the reference latents and their
-        positions, so they are keyed by those and the transformer."""
-        model, dtype = self.transformer, self.transformer.dtype
+    def _batch_references(self, plans: list[Plan], dtype: torch.dtype) -> BatchReferences | None:
+        """Each request's reference tokens (the inpainting source first), as the batch's."""
+        per_request = []
+        for plan in plans:
+            pixels = list(plan.reference_pixels)
+            if plan.mode == "inpaint":
+                pixels.insert(0, plan.init_pixels)  # the source image is the first reference (T = 10)
+            if not pixels:
+                return None
+            per_request.append(encode_references(self.vae, pixels, encode=self._image_tokens))
+        return BatchReferences.of(per_request, [p.batch for p in plans], self.device, dtype)
 
-        def extract() -> ReferenceKV:
-            g = guidance[:1] if guidance is not None else None
-            return model.reference_kv(refs.tokens.to(dtype), refs.ids, g)
-
-        cache = self.caches.reference_kv
-        if not cache.enabled or refs.tokens.is_meta:
-            return extract()
+    def _reference_kv_key(self, refs: BatchReferences, digest: str) -> tuple:
         # the adapters change the K/V: a cached entry never crosses a LoRA change
-        key = (id(model), dtype, self.loras.key(), content_hash(refs.tokens), content_hash(refs.ids))
-        return cache.lookup(key, extract)
+        return (id(self.transformer), self.transformer.dtype, self.loras.key(), digest, refs.ids_digest)
 
-    def _reference_tokens(self, plan: Plan) -> ReferenceTokens | None:
-        pixels = list(plan.reference_pixels)
-        if plan.mode == "inpaint":
-            pixels.insert(0, plan.init_pixels)  # the source image is the first reference (T = 10)
-        return encode_references(self.vae, pixels, encode=self._image_tokens) if pixels else None
+    def _reference_kv(self, refs: BatchReferences, guidance: Tensor | None) -> ReferenceKV:
+        """The references' K/V for every layer (klein KV), one copy per distinct set of references, each
+        computed from its reference tokens alone and cached: they depend only on the reference latents and
+        their positions, so they are keyed by those and the transformer, and references seen before cost no
+        transformer work at all, not even on the first step. Computed alone, they are the same numbers
+        whatever request or batch they serve: a cached result equals the uncached one bit for bit."""
+        model, cache = self.transformer, self.caches.reference_kv
+        g = guidance[:1] if guidance is not None else None
+        found = {}
+        for digest, (tokens, _) in refs.groups.items():
+
+            def extract(tokens: Tensor = tokens) -> ReferenceKV:
+                return model.reference_kv(tokens, refs.ids, g)
+
+            if not cache.enabled or tokens.is_meta:
+                found[digest] = extract()
+            else:
+                found[digest] = cache.lookup(self._reference_kv_key(refs, digest), extract)
+        return refs.per_row(found)
 
     def _on_vae(self, x: Tensor) -> Tensor:
         return x.to(next(self.vae.parameters()).device)
@@ -470,40 +531,37 @@ class Pipeline:
         self,
         text: TextEmbeddings,
         negative: TextEmbeddings | None,
-        refs: ReferenceTokens | None,
+        refs: BatchReferences | None,
         img_ids: Tensor,
         plan: Plan,
+        batches: list[int],
     ) -> Callable[[Tensor, Tensor, int], Tensor]:
-        """The model as the sampling loop calls it: references, reference KV, guidance and CFG folded in."""
-        model, dtype, device = self.transformer, self.transformer.dtype, self.device
+        """The model as the sampling loop calls it: references, reference KV, guidance and CFG folded in.
+        `batches`: the rows of each request of the batch."""
+        model, device, rows = self.transformer, self.device, sum(batches)
         guidance = None
         if self.variant.defaults.guidance_mode == "embedded":
-            guidance = torch.full((plan.batch,), plan.guidance, dtype=torch.float32, device=device)
+            guidance = torch.full((rows,), plan.guidance, dtype=torch.float32, device=device)
         text = TextEmbeddings(text.embeds.to(device), text.ids.to(device))
         if negative is not None:
             negative = TextEmbeddings(negative.embeds.to(device), negative.ids.to(device))
-        if refs is not None:
-            refs = dataclasses.replace(refs, tokens=refs.tokens.to(device), ids=refs.ids.to(device))
         n_img = img_ids.shape[0]
-        ref_tokens = refs.tokens.to(dtype) if refs is not None else None  # [1, N, C], shared by the batch
         reference_kv = None
         if refs is not None and self.variant.defaults.reference_kv:
             reference_kv = self._reference_kv(refs, guidance)
 
         def one(x: Tensor, t: Tensor, txt: TextEmbeddings) -> Tensor:
-            if ref_tokens is None:
-                return model(x, txt.embeds, t, img_ids, txt.ids, guidance)
+            g = guidance if guidance is None or x.shape[0] == rows else guidance.repeat(x.shape[0] // rows)
+            # several requests: each one's timestep embedding on its own rows, as alone (bit for bit)
+            groups = None if len(batches) == 1 else batches * (x.shape[0] // rows)
+            if refs is None:
+                return model(x, txt.embeds, t, img_ids, txt.ids, g, row_groups=groups)
             if reference_kv is not None:
-                return model(x, txt.embeds, t, img_ids, txt.ids, guidance, reference_kv=reference_kv)
-            out = model(
-                torch.cat([x, ref_tokens.expand(x.shape[0], -1, -1)], 1),
-                txt.embeds,
-                t,
-                torch.cat([img_ids, refs.ids]),
-                txt.ids,
-                guidance,
-            )
-            return out[:, :n_img]
+                return model(
+                    x, txt.embeds, t, img_ids, txt.ids, g, reference_kv=reference_kv, row_groups=groups
+                )
+            joint, ids = torch.cat([x, refs.rows(x.shape[0])], 1), torch.cat([img_ids, refs.ids])
+            return model(joint, txt.embeds, t, ids, txt.ids, g, row_groups=groups)[:, :n_img]  # refs follow
 
         batched = None
         if negative is not None and self.batch_cfg and negative.embeds.shape == text.embeds.shape:
@@ -520,3 +578,74 @@ class Pipeline:
             return v_neg + plan.guidance * (v - v_neg)
 
         return velocity
+
+
+def _cat_text(parts: list[TextEmbeddings]) -> TextEmbeddings:
+    if len(parts) == 1:
+        return parts[0]
+    return TextEmbeddings(torch.cat([p.embeds for p in parts]), parts[0].ids)
+
+
+def _by_rows(tensors: list[Tensor], plans: list[Plan], expand: bool = False) -> Tensor:
+    """One [1, ...] tensor per request as the batch's rows (a lone request's may stay one broadcast row)."""
+    if len(tensors) == 1:
+        return tensors[0].expand(plans[0].batch, *tensors[0].shape[1:]) if expand else tensors[0]
+    return torch.cat([t.expand(p.batch, *t.shape[1:]) for t, p in zip(tensors, plans, strict=True)])
+
+
+@dataclass
+class BatchReferences:
+    """A batch's reference tokens: one copy shared by every row ([1, N, C]) when its requests have the same
+    references, else one row per image ([B, N, C]); either way the same sizes, so the same ids."""
+
+    tokens: Tensor  # [1 or B, N, C]
+    ids: Tensor  # [N, 4]
+    groups: dict[str, tuple[Tensor, list[int]]]  # per distinct set of references: its tokens, its rows
+    ids_digest: str
+
+    @classmethod
+    def of(
+        cls, per_request: list[ReferenceTokens], batches: list[int], device: torch.device, dtype: torch.dtype
+    ) -> BatchReferences:
+        groups: dict[str, tuple[Tensor, list[int]]] = {}
+        row = 0
+        for k, (refs, batch) in enumerate(zip(per_request, batches, strict=True)):
+            digest = f"request {k}" if refs.tokens.is_meta else content_hash(refs.tokens)
+            tokens = refs.tokens.to(device, dtype)
+            groups.setdefault(digest, (tokens, []))[1].extend(range(row, row + batch))
+            row += batch
+        if len(groups) == 1:
+            tokens = per_request[0].tokens
+        else:
+            tokens = torch.cat(
+                [r.tokens.expand(b, -1, -1) for r, b in zip(per_request, batches, strict=True)]
+            )
+        ids = per_request[0].ids
+        ids_digest = "meta" if ids.is_meta else content_hash(ids)
+        return cls(tokens.to(device, dtype), ids.to(device), groups, ids_digest)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    def rows(self, n: int) -> Tensor:
+        """The tokens for a forward of n rows (the batch, or the batch twice for batched CFG)."""
+        if self.tokens.shape[0] == 1:
+            return self.tokens.expand(n, -1, -1)
+        return self.tokens.repeat(n // self.tokens.shape[0], 1, 1)
+
+    def per_row(self, kv_of: dict[str, ReferenceKV]) -> ReferenceKV:
+        """One set's K/V as the whole batch's (one copy), or each row's set stacked ([B, ...])."""
+        if len(kv_of) == 1:
+            return next(iter(kv_of.values()))
+        order = [None] * sum(len(rows) for _, rows in self.groups.values())
+        for digest, (_, rows) in self.groups.items():
+            for row in rows:
+                order[row] = kv_of[digest]
+
+        def stack(pick: Callable[[ReferenceKV], list[tuple[Tensor, Tensor]]]) -> list[tuple[Tensor, Tensor]]:
+            layers = zip(*(pick(kv) for kv in order), strict=True)
+            return [(torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer])) for layer in layers]
+
+        first = order[0]
+        return ReferenceKV(stack(lambda kv: kv.double), stack(lambda kv: kv.single), first.num_tokens)

@@ -460,3 +460,49 @@ def param_of(exc: BaseException) -> str | None:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
+
+
+def batch_signature(plan: Plan, request: GenerationRequest) -> dict[str, Any]:
+    """What must be equal for requests to run as one batch (`Pipeline.run_batch`, the server's batching):
+    everything that shapes the computation. Prompts, negative prompts, seeds, the number of images and the
+    images' contents may differ; the images' prepared sizes may not. JSON-friendly: the server stores it
+    with each job when it arrives and batches jobs whose signatures are equal."""
+
+    def sizes(pixels: Sequence[Tensor]) -> list[list[int]]:
+        return [[int(p.shape[-1]), int(p.shape[-2])] for p in pixels]
+
+    def shape(t: Tensor | None) -> list[int] | None:
+        return None if t is None else [int(n) for n in t.shape[1:]]
+
+    return {
+        "mode": plan.mode,
+        "width": plan.width,
+        "height": plan.height,
+        "steps": plan.steps,
+        "strength": plan.strength,
+        "guidance": plan.guidance,
+        "cfg": plan.cfg,
+        "max_sequence_length": plan.max_sequence_length,
+        "reference_sizes": sizes(plan.reference_pixels),
+        "init_size": sizes([plan.init_pixels])[0] if plan.init_pixels is not None else None,
+        "sigmas": [float(s) for s in request.sigmas] if request.sigmas else None,
+        "decode": bool(request.decode),
+        "loras": None if request.loras is None else sorted([n, float(s)] for n, s in request.loras.items()),
+        "prompt_embeds": shape(request.prompt_embeds),
+        "negative_prompt_embeds": shape(request.negative_prompt_embeds),
+        "start_latents": request.start_latents is not None,
+    }
+
+
+def check_batch(signatures: Sequence[Mapping[str, Any]]) -> None:
+    """ValueError naming the first field in which a request differs from the first request of a batch."""
+    first = signatures[0]
+    for i, other in enumerate(signatures[1:], 1):
+        differ = [name for name in first if first[name] != other.get(name)]
+        if differ:
+            name = differ[0]
+            raise ValueError(
+                f"requests 0 and {i} cannot run as one batch: they differ in {name} ({first[name]!r} "
+                f"against {other.get(name)!r}); only prompts, seeds, the number of images and the images' "
+                "contents may differ. Run them separately."
+            )
