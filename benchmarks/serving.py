@@ -1,7 +1,7 @@
 """What a server repeats, against diffusers 0.42.1 side by side in one run: the same references with new
 prompts on klein KV, repeated prompts, base klein with CFG; with fluxforge's cache counters.
 
-    python benchmarks/serving.py [--dtype float32] [--repeats 3] [--size 256] [--ref-size 512]
+    python benchmarks/serving.py [--dtype float32] [--repeats 3] [--size 256] [--ref-size 512] [--only KV]
 
 The checkpoint is generate.py's random klein (saved as klein, klein KV and klein base, the same weights),
 with the proportions that decide these results: the text encoder costs per token about 0.75x the
@@ -56,7 +56,12 @@ def ours_call(pipe: ff.Pipeline, args, prompt: str, images=None, steps=None) -> 
     )
 
 
-def row(name: str, theirs: Callable[[], object], ours: Callable[[], object], repeats: int) -> float:
+ONLY: list[str] = []  # --only: the scenarios whose names hold one of these
+
+
+def row(name: str, theirs: Callable[[], object], ours: Callable[[], object], repeats: int) -> float | None:
+    if ONLY and not any(part in name for part in ONLY):
+        return None
     a, b = side_by_side(theirs, ours, repeats)
     print(f"{name:52s} {a:8.2f} s {b:8.2f} s {a / b:8.2f}x", flush=True)
     return a / b
@@ -69,8 +74,10 @@ def main() -> None:
     parser.add_argument("--ref-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", action="append", default=[], help="run the scenarios whose names hold this")
     model_options(parser, text_hidden=384)
     args = parser.parse_args()
+    ONLY.extend(args.only)
     quiet()
     dtype = fastest_dtype(args.dtype)
     refs = [picture(args.ref_size, seed) for seed in range(4)]
@@ -114,7 +121,7 @@ def main() -> None:
         row("KV, 4 cached references, new prompt",
             lambda: theirs_call(theirs["kv"], args, new_prompt(), refs),
             lambda: results.append(ours_call(kv, args, new_prompt(), refs)), args.repeats)  # fmt: skip
-        last = results[-1]
+        last = results[-1] if results else ours_call(kv, args, new_prompt(), refs)
         t = last.info["timings"]
         floor = t["text"] + t["denoise"] + t["decode"]
         total = sum(t.values())

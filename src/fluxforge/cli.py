@@ -427,8 +427,8 @@ def _parser() -> _Parser:
         type=_positive,
         default=1,
         metavar="N",
-        help="run up to N waiting jobs of the same shape and input images as one batch (1: off; each image "
-        "stays its seed's, up to batched rounding)",
+        help="run up to N waiting jobs of the same shape (settings and image sizes; prompts, seeds and image "
+        "contents may differ) as one batch (1: off; each image is the one it is alone, bit for bit)",
     )
     srv.add_argument(
         "--lora",

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fluxforge.request import Limits, Validator
+from fluxforge.request import Limits, Validator, batch_signature
 from fluxforge.server import protocol
 from fluxforge.server.events import Event
 from fluxforge.server.jobs import STATUSES, Job, Jobs, JobStore
@@ -44,7 +44,7 @@ from fluxforge.server.protocol import (
     Submission,
     api_error,
 )
-from fluxforge.server.worker import LocalWorker, Webhooks, Worker, inputs_digest
+from fluxforge.server.worker import LocalWorker, Webhooks, Worker
 
 log = logging.getLogger("fluxforge.server")
 
@@ -231,8 +231,7 @@ class Service:
             images=plan.batch,
             steps=plan.steps,
         )
-        if sub.inputs:
-            options["inputs"] = inputs_digest(sub.inputs)  # jobs with the same images may batch
+        options["signature"] = batch_signature(plan, request)  # jobs with equal signatures may batch
         job_id = self.store.new_id()
         folder = self.store.folder(job_id)
         folder.mkdir(parents=True)

@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from fluxforge.pipeline import GenerationRequest, GenerationResult
 from fluxforge.preview import Previewer
 from fluxforge.sampling import StepInfo
 from fluxforge.server.app import Settings, create_app, load_pipeline
-from fluxforge.server.worker import LocalWorker, ReplicaLost, facts_of, pipeline_info, run_jobs
+from fluxforge.server.worker import LocalWorker, ReplicaLost, facts_of, pipeline_info
 
 log = logging.getLogger("fluxforge.server")
 
@@ -52,13 +53,14 @@ _INFO_TTL = 2.0  # s a replica's model facts (cache counters) are reused for /me
 
 @serve.deployment(name="model")
 class ModelReplica:
-    """One copy of the model; `run` streams ("step", StepInfo) events, then ("result", GenerationResult)."""
+    """One copy of the model; `run` streams ("step", StepInfo) events, then ("results", [GenerationResult]),
+    one per request of the batch."""
 
     def __init__(self, settings: Settings, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.pipe = load_pipeline(settings)
-        self.limits = settings.limits
+        self.pipe.limits = settings.limits  # each request of a batch is checked alone, as on arrival
         self.previewer = Previewer.fit(self.pipe.vae)
         self.replica = serve.get_replica_context().replica_id.unique_id
 
@@ -69,7 +71,7 @@ class ModelReplica:
             "facts": facts_of(self.pipe, self.previewer),
         }
 
-    async def run(self, request: GenerationRequest, max_images: int) -> AsyncIterator[tuple[str, Any]]:
+    async def run(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[str, Any]]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = threading.Event()
@@ -80,9 +82,7 @@ class ModelReplica:
             )
             loop.call_soon_threadsafe(events.put_nowait, ("step", step))
 
-        task = loop.run_in_executor(
-            None, run_jobs, self.pipe, self.limits, request, max_images, on_step, cancel
-        )
+        task = loop.run_in_executor(None, partial(self.pipe.run_batch, requests, on_step, cancel))
         try:
             while not (task.done() and events.empty()):
                 getter = asyncio.ensure_future(events.get())
@@ -91,15 +91,16 @@ class ModelReplica:
                     yield getter.result()
                 else:
                     getter.cancel()
-            result = await task
+            results = await task
         except asyncio.CancelledError:  # the ingress canceled the request: stop at the next step
             cancel.set()
             with contextlib.suppress(Exception):
                 await task
             raise
-        result.info["replica"] = self.replica
-        result.latents, result.pixels = result.latents.cpu(), None  # what travels: images, seeds, info
-        yield ("result", result)
+        for result in results:
+            result.info["replica"] = self.replica
+            result.latents, result.pixels = result.latents.cpu(), None  # what travels: images, seeds, info
+        yield ("results", results)
 
 
 class RayWorker(LocalWorker):
@@ -125,15 +126,14 @@ class RayWorker(LocalWorker):
 
     def _execute(
         self,
-        request: GenerationRequest,
+        requests: list[GenerationRequest],
         on_step: Callable[[StepInfo], None],
         cancel: threading.Event,
-        max_images: int,
-    ) -> GenerationResult:
+    ) -> list[GenerationResult]:
         if cancel.is_set():
             raise GenerationCancelled("cancelled before the first step")
-        stream = self.handle.options(stream=True).run.remote(request, max_images)
-        result = None
+        stream = self.handle.options(stream=True).run.remote(requests)
+        results = None
         try:
             for kind, value in stream:
                 if cancel.is_set():
@@ -142,7 +142,7 @@ class RayWorker(LocalWorker):
                 if kind == "step":
                     on_step(value)
                 else:
-                    result = value
+                    results = value
         except _LOST as exc:
             raise ReplicaLost(f"{type(exc).__name__}") from exc
         except RequestCancelledError:
@@ -152,9 +152,9 @@ class RayWorker(LocalWorker):
             if isinstance(cause, _LOST):
                 raise ReplicaLost(type(cause).__name__) from exc
             raise cause from None
-        if result is None:
+        if results is None:
             raise ReplicaLost("the replica's stream ended without a result")
-        return result
+        return results
 
 
 @serve.deployment(name="ingress", num_replicas=1, ray_actor_options={"num_cpus": 0})

@@ -12,7 +12,6 @@ replica died runs again (once).
 from __future__ import annotations
 
 import base64
-import dataclasses
 import gc
 import hashlib
 import hmac
@@ -28,7 +27,6 @@ from typing import Any, Literal, Protocol
 import torch
 
 from fluxforge import images
-from fluxforge.conditioning import draw_noise
 from fluxforge.errors import GenerationCancelled
 from fluxforge.pipeline import GenerationRequest, GenerationResult, Pipeline
 from fluxforge.preview import Previewer
@@ -210,13 +208,12 @@ class LocalWorker:
 
     def _execute(
         self,
-        request: GenerationRequest,
+        requests: list[GenerationRequest],
         on_step: Callable[[StepInfo], None],
         cancel: threading.Event,
-        max_images: int,
-    ) -> GenerationResult:
-        """Run one request (a job, or a batch of jobs) on the model."""
-        return run_jobs(self.pipeline, self.limits, request, max_images, on_step, cancel)
+    ) -> list[GenerationResult]:
+        """Run a batch of jobs' requests (often one) on the model, one result each."""
+        return self.pipeline.run_batch(requests, on_step=on_step, cancel=cancel)
 
     # ---------------------------------------------------------------------------------------------------
 
@@ -272,16 +269,14 @@ class LocalWorker:
                 stale.unlink()
         outcomes: dict[str, tuple[str, dict[str, Any]]] = {}
         try:
-            request = self._request(batch)
             # Each job passed the limits on arrival; together they may hold more images than one request.
-            images = max(self.limits.max_images, len(batch) * batch[0].options["images"])
-            result = self._execute(request, self._on_step(batch), slot.cancel, images)
-            for job, part in zip(batch, split(result, len(batch)), strict=True):
-                if len(batch) > 1:  # its noise came from its own seeds, as the request says
-                    part.seeds = [job.params["seed"] + b for b in range(len(part.images))]
-                saved = save_outputs(part, store.folder(job.id), job.options)
-                outcomes[job.id] = ("succeeded", {"result": {"images": saved, "info": _json_safe(part.info)}})
-            del result, part
+            requests = [read_request(job, store.folder(job.id)) for job in batch]
+            results = self._execute(requests, self._on_step(batch), slot.cancel)
+            for job, result in zip(batch, results, strict=True):
+                saved = save_outputs(result, store.folder(job.id), job.options)
+                info = _json_safe(result.info)
+                outcomes[job.id] = ("succeeded", {"result": {"images": saved, "info": info}})
+            del results, result
         except GenerationCancelled as exc:
             for job in batch:
                 if slot.requeue:
@@ -318,27 +313,14 @@ class LocalWorker:
                 jobs.publish(job.id, {"succeeded": "completed"}.get(status, status), payload)
                 self.on_final(store.get(job.id))
 
-    def _request(self, batch: list[Job]) -> GenerationRequest:
-        """One job's request; for a batch, its prompts together, each with the noise of its own seeds."""
-        first = read_request(batch[0], self.jobs.store.folder(batch[0].id))
-        if len(batch) == 1:
-            return first
-        facts, n = self.facts, first.num_images
-        grid = facts.pixels_per_token
-        shape = (n, facts.latent_channels, batch[0].options["height"] // grid,
-                 batch[0].options["width"] // grid)  # fmt: skip
-        noise = [draw_noise(shape, facts.dtype, seeds=[j.params["seed"] + b for b in range(n)])
-                 for j in batch]  # fmt: skip
-        return dataclasses.replace(
-            first, prompt=[j.params["prompt"] for j in batch], seed=None, noise=torch.cat(noise)
-        )
-
     def _on_step(self, batch: list[Job]) -> Callable[[StepInfo], None]:
         last = [time.perf_counter()]
         grid = self.facts.pixels_per_token
         job0 = batch[0]
         h, w = job0.options["height"] // grid, job0.options["width"] // grid  # the size validation resolved
-        per_job = job0.options["images"]
+        first_rows = [0]  # each job's first image in the batch
+        for job in batch[:-1]:
+            first_rows.append(first_rows[-1] + job.options["images"])
 
         def on_step(info: StepInfo) -> None:
             now = time.perf_counter()
@@ -354,28 +336,11 @@ class LocalWorker:
                     and info.denoised is not None
                     and self.jobs.events.listening(job.id)
                 ):
-                    jpeg = self.previewer.jpeg(info.denoised, h, w, index=i * per_job)
+                    jpeg = self.previewer.jpeg(info.denoised, h, w, index=first_rows[i])
                     data = {"step": info.step, "total": info.total, "image": base64.b64encode(jpeg).decode()}
                     self.jobs.publish(job.id, "preview", data, persist=False)
 
         return on_step
-
-
-def run_jobs(
-    pipe: Pipeline,
-    limits: Limits,
-    request: GenerationRequest,
-    max_images: int,
-    on_step: Callable[[StepInfo], None],
-    cancel: threading.Event,
-) -> GenerationResult:
-    """`pipe.run` for a request that may hold a batch of jobs: each passed the limits on arrival, and
-    together they may hold more images than one request may."""
-    pipe.limits = dataclasses.replace(limits, max_images=max_images)
-    try:
-        return pipe.run(request, on_step=on_step, cancel=cancel)
-    finally:
-        pipe.limits = limits
 
 
 def facts_of(pipe: Pipeline, previewer: Previewer | None) -> ModelFacts:
@@ -406,42 +371,15 @@ def pipeline_info(pipe: Pipeline) -> dict[str, Any]:
     }
 
 
-def inputs_digest(inputs: dict[str, Any]) -> str:
-    """A digest of a submission's images by slot (references in order, init image, mask): jobs with the
-    same images can run as one batch, since a request's images are shared by its whole batch."""
-    digest = hashlib.sha256()
-    for slot in sorted(inputs):
-        for data in inputs[slot] if isinstance(inputs[slot], list) else [inputs[slot]]:
-            digest.update(f"{slot}:{len(data)}:".encode())
-            digest.update(data)
-    return digest.hexdigest()
-
-
-def batch_key(job: Job) -> tuple | None:
-    """What must be equal for jobs to run as one batch: everything that shapes the computation, and the
-    input images themselves (references, init image and mask are shared by a batch); only prompts and
-    seeds may differ. None: this job runs alone."""
-    p, o = job.params, job.options
-    if not isinstance(p.get("prompt"), str) or (job.inputs and "inputs" not in o):
+def batch_key(job: Job) -> str | None:
+    """Jobs whose keys are equal run as one batch: the signature `request.batch_signature` gave on arrival
+    (everything that shapes the computation; prompts, seeds, the number of images and the images'
+    contents may differ). None: this job runs alone (a job stored before signatures, or a batch of
+    prompt embeddings)."""
+    signature = job.options.get("signature")
+    if signature is None or not isinstance(job.params.get("prompt"), str):
         return None
-    return (o["mode"], o.get("inputs"), o["width"], o["height"], o["steps"], o["images"], p.get("guidance"),
-            p.get("negative_prompt"), p.get("max_sequence_length"), p.get("strength"),
-            p.get("mask_alpha_is_repaint"), tuple(sorted((p.get("loras") or {}).items())))  # fmt: skip
-
-
-def split(result: GenerationResult, parts: int) -> list[GenerationResult]:
-    """A batch's result as each job's own: its images and seeds, and its prompt in the info."""
-    if parts == 1:
-        return [result]
-    n = len(result.latents) // parts
-    prompts = result.info["prompt"]
-    out = []
-    for i in range(parts):
-        rows = slice(i * n, (i + 1) * n)
-        info = dict(result.info, prompt=prompts[i], batch_size=parts)
-        seeds = result.seeds[rows]
-        out.append(GenerationResult(result.images[rows], seeds, info, result.latents[rows]))
-    return out
+    return json.dumps(signature, sort_keys=True)
 
 
 def _failure(exc: BaseException, job: Job) -> dict[str, Any]:
