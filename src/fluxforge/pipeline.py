@@ -12,7 +12,8 @@ The three ways to use an input image are separate parameters and never guessed f
 
 Batches: `prompt` may be a list; each prompt gives `num_images` images, in the order p0, p0, ..., p1, ...;
 references, init image and mask are shared by the whole batch. Image b is drawn from its own seed
-(`seeds[b] = seed + b`), so every image can be reproduced alone.
+(`seeds[b] = seed + b`), so every image can be reproduced alone. `run_batch` runs several requests with
+their own images (and prompts, seeds, ...) as one batch, each giving the images it gives alone.
 """
 
 from __future__ import annotations
