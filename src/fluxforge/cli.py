@@ -428,7 +428,7 @@ def _parser() -> _Parser:
         default=1,
         metavar="N",
         help="run up to N waiting jobs of the same shape (settings and image sizes; prompts, seeds and image "
-        "contents may differ) as one batch (1: off; each image is the one it is alone, bit for bit)",
+        "contents may differ) as one batch (1: off; each image is the one it is alone)",
     )
     srv.add_argument(
         "--lora",

@@ -307,8 +307,9 @@ class Pipeline:
         """Run several requests as one batch, one result each. They must agree on everything that shapes the
         computation (`request.batch_signature`: mode, size, steps, strength, guidance, the references' and
         init image's sizes, LoRAs, ...); their prompts, negative prompts, seeds, numbers of images and
-        images may differ. Each request gets the images it gets alone, within the rounding of the larger
-        matrix products (1e-6 in fp32, tests/test_batching.py). Each is checked against `self.limits` alone:
+        images may differ. Each request gets the images it gets alone (each one's timestep embedding is
+        computed on its own rows; bit for bit where the matrix products treat rows alike, as on the CPUs
+        measured: tests/test_batching.py). Each is checked against `self.limits` alone:
         the caller decides how many run together."""
         clock = time.perf_counter()
         if not requests:
@@ -550,32 +551,35 @@ class Pipeline:
         reference_kv = None
         if refs is not None and self.variant.defaults.reference_kv:
             reference_kv = self._reference_kv(refs, guidance)
+        # The ids every step passes: the noisy tokens', then the references' where they join the sequence.
+        in_sequence = refs is not None and reference_kv is None
+        ids = torch.cat([img_ids, refs.ids]) if in_sequence else img_ids
+        texts = {"prompt": text, "negative": negative}
+        if negative is not None and self.batch_cfg and negative.embeds.shape == text.embeds.shape:
+            # conditional and unconditional as one forward of batch 2B
+            texts = {"both": TextEmbeddings(torch.cat([text.embeds, negative.embeds]), text.ids)}
+        # What no step changes (the text stream's projection, the RoPE tables): once, not at every step.
+        prepared = {name: model.prepare(t.embeds, ids, t.ids) for name, t in texts.items() if t is not None}
 
-        def one(x: Tensor, t: Tensor, txt: TextEmbeddings) -> Tensor:
+        def one(x: Tensor, t: Tensor, name: str) -> Tensor:
+            txt, prep = texts[name], prepared[name]
             g = guidance if guidance is None or x.shape[0] == rows else guidance.repeat(x.shape[0] // rows)
             # several requests: each one's timestep embedding on its own rows, as alone (bit for bit)
             groups = None if len(batches) == 1 else batches * (x.shape[0] // rows)
-            if refs is None:
-                return model(x, txt.embeds, t, img_ids, txt.ids, g, row_groups=groups)
-            if reference_kv is not None:
-                return model(
-                    x, txt.embeds, t, img_ids, txt.ids, g, reference_kv=reference_kv, row_groups=groups
-                )
-            joint, ids = torch.cat([x, refs.rows(x.shape[0])], 1), torch.cat([img_ids, refs.ids])
-            return model(joint, txt.embeds, t, ids, txt.ids, g, row_groups=groups)[:, :n_img]  # refs follow
-
-        batched = None
-        if negative is not None and self.batch_cfg and negative.embeds.shape == text.embeds.shape:
-            batched = TextEmbeddings(torch.cat([text.embeds, negative.embeds]), text.ids)
+            common = dict(reference_kv=reference_kv, row_groups=groups, prepared=prep)
+            if not in_sequence:
+                return model(x, txt.embeds, t, ids, txt.ids, g, **common)
+            joint = torch.cat([x, refs.rows(x.shape[0])], 1)
+            return model(joint, txt.embeds, t, ids, txt.ids, g, **common)[:, :n_img]  # the references follow
 
         def velocity(x: Tensor, t: Tensor, step: int) -> Tensor:
-            if batched is not None:  # conditional and unconditional as one forward of batch 2B
-                v, v_neg = one(torch.cat([x, x]), torch.cat([t, t]), batched).chunk(2)
+            if "both" in texts:
+                v, v_neg = one(torch.cat([x, x]), torch.cat([t, t]), "both").chunk(2)
             else:
-                v = one(x, t, text)
+                v = one(x, t, "prompt")
                 if negative is None:
                     return v
-                v_neg = one(x, t, negative)
+                v_neg = one(x, t, "negative")
             return v_neg + plan.guidance * (v - v_neg)
 
         return velocity

@@ -52,6 +52,16 @@ class ReferenceKV:
 
 
 @dataclass
+class Prepared:
+    """What every step of one request shares, computed once (`Flux2Transformer.prepare`) rather than at each
+    step: the text stream's input projection and the RoPE tables. The same numbers either way."""
+
+    txt: Tensor  # context_embedder(text features): [B, S_txt, D]
+    cos: Tensor  # [S_txt + S_img, Dh], text first
+    sin: Tensor
+
+
+@dataclass
 class ExtractOutput:
     sample: Tensor  # [B, S_img, C]: velocity for the noisy tokens only; reference tokens are dropped
     reference_kv: ReferenceKV
@@ -385,6 +395,7 @@ class Flux2Transformer(nn.Module):
         *,
         reference_kv: ReferenceKV | None = None,
         row_groups: Sequence[int] | None = None,
+        prepared: Prepared | None = None,
     ) -> Tensor:
         """Velocity for every image-stream token: [B, S_img, C].
 
@@ -392,7 +403,8 @@ class Flux2Transformer(nn.Module):
         image keys), exactly as if the reference tokens were in the sequence. `row_groups` (row counts that
         sum to B): the batch is several requests, and each group's timestep embedding and modulation are
         computed on its own rows, as they are when it runs alone (products of one row and of several round
-        differently, and these are the only per-image products whose rows are few)."""
+        differently, and these are the only per-image products whose rows are few). `prepared`: this
+        request's `prepare(txt, img_ids, txt_ids)`, computed once for all its steps."""
         if reference_kv is not None and (len(reference_kv.double), len(reference_kv.single)) != (
             len(self.transformer_blocks),
             len(self.single_transformer_blocks),
@@ -403,8 +415,9 @@ class Flux2Transformer(nn.Module):
                 "it was extracted by another model"
             )
         return self._run(
-            img, txt, timestep, img_ids, txt_ids, guidance, reference_kv=reference_kv, row_groups=row_groups
-        )[0]
+            img, txt, timestep, img_ids, txt_ids, guidance,
+            reference_kv=reference_kv, row_groups=row_groups, prepared=prepared,
+        )[0]  # fmt: skip
 
     def forward_extract(
         self,
@@ -451,6 +464,15 @@ class Flux2Transformer(nn.Module):
         assert kv is not None
         return kv
 
+    def prepare(self, txt: Tensor, img_ids: Tensor, txt_ids: Tensor) -> Prepared:
+        """The inputs that do not change between the steps of one request (the text stream's projection,
+        the RoPE tables of these ids), for `forward(..., prepared=)`; `img_ids` as the steps pass them."""
+        return self._prepare(txt, _positions(img_ids, "img_ids"), _positions(txt_ids, "txt_ids"))
+
+    def _prepare(self, txt: Tensor, img_pos: Tensor, txt_pos: Tensor) -> Prepared:
+        cos, sin = self.rope(torch.cat([txt_pos, img_pos], dim=0))  # text first, as in the joint sequence
+        return Prepared(self.context_embedder(txt.to(self.dtype)), cos, sin)
+
     def _check_inputs(
         self, img: Tensor, txt: Tensor, timestep: Tensor, img_pos: Tensor, txt_pos: Tensor
     ) -> None:
@@ -488,6 +510,7 @@ class Flux2Transformer(nn.Module):
         ref_timestep: float = 0.0,
         reference_kv: ReferenceKV | None = None,
         row_groups: Sequence[int] | None = None,
+        prepared: Prepared | None = None,
     ) -> tuple[Tensor, ReferenceKV | None]:
         img_pos, txt_pos = _positions(img_ids, "img_ids"), _positions(txt_ids, "txt_ids")
         self._check_inputs(img, txt, timestep, img_pos, txt_pos)
@@ -533,10 +556,16 @@ class Flux2Transformer(nn.Module):
                 dim=1,
             )
 
-        cos, sin = self.rope(torch.cat([txt_pos, img_pos], dim=0))  # text first, as in the joint sequence
-
+        if prepared is None:
+            prepared = self._prepare(txt, img_pos, txt_pos)
+        elif prepared.txt.shape[:2] != txt.shape[:2] or prepared.cos.shape[0] != n_txt + img.shape[1]:
+            raise ValueError(
+                f"prepared inputs are for {prepared.txt.shape[0]} x {prepared.txt.shape[1]} text tokens and "
+                f"{prepared.cos.shape[0]} positions, not {txt.shape[0]} x {n_txt} and "
+                f"{n_txt + img.shape[1]}: prepare them with this step's text and ids"
+            )
+        cos, sin, txt = prepared.cos, prepared.sin, prepared.txt
         img = self.x_embedder(img)  # [B, S_img, D]
-        txt = self.context_embedder(txt)  # [B, S_txt, D]
         double_kv: list[tuple[Tensor, Tensor]] = []
         single_kv: list[tuple[Tensor, Tensor]] = []
         for i, block in enumerate(self.transformer_blocks):

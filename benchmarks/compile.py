@@ -1,0 +1,62 @@
+"""torch.compile on the transformer: one denoising step compiled against eager, and how far apart they are.
+
+    python benchmarks/compile.py [--dtype float32] [--heads 8] [--tokens 1024] [--repeats 7] [--mode default]
+
+The model is bench_transformer.py's (random weights, head dim 128, 2 + 4 blocks, 512 text tokens). The
+compiled module is the transformer (inductor, its C++ backend on a CPU), for the step's fixed shapes; the
+first call's compile time is printed apart. It is worth keeping only if faster and within 1e-5 of eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_transformer import pair, size_options, step_inputs  # noqa: E402
+from sidebyside import fastest_dtype  # noqa: E402
+
+from fluxforge.dtypes import describe_cpu  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size_options(parser)
+    parser.add_argument("--mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
+    args = parser.parse_args()
+    dtype = fastest_dtype(args.dtype)
+    _, model = pair(args, dtype)
+    inputs = step_inputs(args, dtype)
+    compiled = torch.compile(model, mode=args.mode, dynamic=False)
+    with torch.no_grad():
+        eager_out = model(*inputs)
+        start = time.perf_counter()
+        compiled_out = compiled(*inputs)
+        compile_s = time.perf_counter() - start
+        diff = (compiled_out.float() - eager_out.float()).abs().max().item()
+        eager = timed(lambda: model(*inputs), args.repeats)
+        fast = timed(lambda: compiled(*inputs), args.repeats)
+    print(f"{describe_cpu()}, {dtype}, D={args.heads * 128}, {args.tokens} image + {args.text} text tokens")
+    print(f"first compiled call (compiling) {compile_s:.1f} s")
+    print(f"step: eager {eager * 1000:.1f} ms, compiled {fast * 1000:.1f} ms, {eager / fast:.2f}x")
+    print(f"max |compiled - eager| {diff:.2e} (output magnitude {eager_out.abs().max().item():.2f})")
+    keep = eager / fast > 1.0 and diff <= 1e-5
+    print("keep it:", "yes" if keep else "no (slower, or further than 1e-5 from eager)")
+
+
+if __name__ == "__main__":
+    main()
