@@ -153,6 +153,7 @@ class LocalWorker:
         self._slots = [_Slot() for _ in range(slots)]
         self._accepting = True
         self._thread = threading.Thread(target=self._main, name="fluxforge-worker", daemon=True)
+        self._slot_threads: list[threading.Thread] = []  # the slots' beyond the first, which _thread runs
         self._busy = 0  # slots running a job now
         self._idle = threading.Condition()
 
@@ -187,15 +188,19 @@ class LocalWorker:
         self.state = "stopping"
         self.jobs.wake()
         with self._idle:
-            if self._idle.wait_for(lambda: self._busy == 0, grace):
-                return
-            log.warning(
-                "the running job %s did not finish within %.0f s: back to the queue", self.running, grace
-            )
-            for slot in self._slots:
-                slot.requeue = True
-                slot.cancel.set()
-            self._idle.wait_for(lambda: self._busy == 0, 30)
+            if not self._idle.wait_for(lambda: self._busy == 0, grace):
+                log.warning(
+                    "the running job %s did not finish within %.0f s: back to the queue", self.running, grace
+                )
+                for slot in self._slots:
+                    slot.requeue = True
+                    slot.cancel.set()
+                self._idle.wait_for(lambda: self._busy == 0, 30)
+        # The slots see that they may take no more jobs at their next look at the queue: let them leave,
+        # so that nothing touches the job store once this returns (the caller may close it).
+        for thread in (self._thread, *self._slot_threads):
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(timeout=5)
 
     # -- the model: what another worker replaces -----------------------------------------------------------
 
@@ -228,7 +233,9 @@ class LocalWorker:
         log.info("model %s ready", self.model_info().get("id"))
         for i, slot in enumerate(self._slots[1:], 1):
             name = f"fluxforge-worker-{i}"
-            threading.Thread(target=self._serve, args=(slot,), name=name, daemon=True).start()
+            thread = threading.Thread(target=self._serve, args=(slot,), name=name, daemon=True)
+            self._slot_threads.append(thread)
+            thread.start()
         self._serve(self._slots[0])
 
     def _serve(self, slot: _Slot) -> None:
