@@ -66,7 +66,9 @@ def build(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
         scheduler=FlowMatchEulerDiscreteScheduler(
             shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
         ),
-        vae=AutoencoderKLFlux2(block_out_channels=vae_channels(args), layers_per_block=1).eval(),
+        vae=AutoencoderKLFlux2(
+            block_out_channels=(32, 64, 128, 128), layers_per_block=getattr(args, "vae_layers", 1)
+        ).eval(),
         text_encoder=Qwen3ForCausalLM(text).eval(),
         tokenizer=qwen3_tokenizer(),
         transformer=Flux2Transformer2DModel(
@@ -90,14 +92,7 @@ def model_options(parser: argparse.ArgumentParser, text_hidden: int) -> None:
     parser.add_argument("--double", type=int, default=2, help="double-stream blocks")
     parser.add_argument("--single", type=int, default=4, help="single-stream blocks")
     parser.add_argument("--text-hidden", type=int, default=text_hidden, help="Qwen3 width")
-    parser.add_argument(
-        "--vae-width", type=int, default=32, help="the VAE's first level's channels (then 2x, 4x, 4x)"
-    )
-
-
-def vae_channels(args: argparse.Namespace) -> tuple[int, ...]:
-    w = getattr(args, "vae_width", 32)
-    return (w, 2 * w, 4 * w, 4 * w)
+    parser.add_argument("--vae-layers", type=int, default=1, help="the VAE's resnet blocks per level")
 
 
 def quiet() -> None:

@@ -9,10 +9,11 @@ transformer (Qwen3 8 x 384 against 2 + 4 blocks of width 512, as Qwen3-4B's 27 u
 4B), and the references (512 x 512) are larger than the output (256 x 256), as in edits. fp32 by default:
 the targets are stated for a CPU without native bf16.
 
-The VAE (--vae-width 32: channels 32, 64, 128, 128) encodes the 4 references in 184 GFLOP, 0.37 of the
-transformer's first KV step (491 GFLOP); in klein 9B KV that share is 0.056 (4.5 of 80 TFLOP, counted with
-torch's FlopCounterMode on the real configs), and in the setting issue 10 measured, 1.0 (5.2 s against 5 s):
---vae-width 48 comes near it. How much a cached reference saves moves with that share.
+The VAE (channels 32, 64, 128, 128, one resnet block per level) encodes the 4 references in 184 GFLOP, 0.37
+of the transformer's first KV step (491 GFLOP); in klein 9B KV that share is 0.056 (4.5 of 80 TFLOP,
+counted with torch's FlopCounterMode on the real configs), and in the setting issue 10 measured, 1.0 (the
+VAE 5.2 s against 5 s): --vae-layers 2 (about 2x the VAE's work) comes near it. How much a cached reference
+saves moves with that share.
 
 "floor" for cached references: the unavoidable stages of that same fluxforge call, from its own timings:
 the new prompt's text encoding, the denoising steps (with the cached reference K/V) and the decode; the
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
-from generate import TEXT_LAYERS, build, model_options, picture, quiet, vae_channels
+from generate import TEXT_LAYERS, build, model_options, picture, quiet
 from sidebyside import fastest_dtype, side_by_side
 
 import fluxforge as ff
@@ -88,7 +89,7 @@ def main() -> None:
     refs = [picture(args.ref_size, seed) for seed in range(4)]
     print(
         f"D={args.heads * 128} double={args.double} single={args.single} text=Qwen3 8x{args.text_hidden} "
-        f"VAE {vae_channels(args)} "
+        f"VAE layers per block {args.vae_layers} "
         f"out {args.size}x{args.size} refs {args.ref_size}x{args.ref_size} steps={args.steps} {dtype} "
         f"threads={torch.get_num_threads()} repeats={args.repeats} (medians, alternating)"
     )
