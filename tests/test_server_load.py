@@ -7,6 +7,7 @@ printed (pytest -s)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 
@@ -46,7 +47,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def test_load(tmp_path):
-    server = Server(tmp_path / "data", "--max-queue", str(QUEUE), "--max-batch", "4")
+    batch = os.environ.get("LOAD_MAX_BATCH", "4")  # 1: the same load without batching
+    server = Server(tmp_path / "data", "--max-queue", str(QUEUE), "--max-batch", batch)
     try:
         warmup, _ = asyncio.run(_load(server.url))  # the same load, first
         warm = server.rss_kib()
