@@ -1,5 +1,5 @@
-"""The one owner of the model: takes jobs from the queue, runs them through `Pipeline.run`, and reports
-every step as an event.
+"""The one owner of the model: takes jobs from the queue (several at once where they batch), runs them through
+`Pipeline.run_batch`, and reports every step as an event.
 
 The HTTP layer sees a worker only through the `Worker` interface (state, model facts, cancel, stop).
 `LocalWorker` runs the model in this process; `fluxforge.server.ray.RayWorker` is the same job flow with
