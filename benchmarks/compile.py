@@ -16,7 +16,6 @@ each new shape compiles for 9-25 s first. So the pipeline does not offer it.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,18 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_transformer import pair, size_options, step_inputs  # noqa: E402
-from sidebyside import fastest_dtype  # noqa: E402
+from sidebyside import fastest_dtype, timed  # noqa: E402
 
 from fluxforge.dtypes import describe_cpu  # noqa: E402
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

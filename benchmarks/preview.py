@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import time
 
 import torch
-from sidebyside import fastest_dtype
+from sidebyside import fastest_dtype, timed
 
 from fluxforge.conditioning import grid_ids
 from fluxforge.config import AutoencoderConfig, get_variant
@@ -27,16 +26,6 @@ from fluxforge.model.autoencoder import AutoEncoder
 from fluxforge.model.text import text_ids
 from fluxforge.model.transformer import Flux2Transformer
 from fluxforge.preview import Previewer
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

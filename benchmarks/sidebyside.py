@@ -12,6 +12,17 @@ import torch
 from fluxforge.dtypes import describe_cpu, name, native
 
 
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `fn` over `repeats` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def side_by_side(
     theirs: Callable[[], object], ours: Callable[[], object], repeats: int
 ) -> tuple[float, float]:

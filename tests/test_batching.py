@@ -10,11 +10,9 @@ kernels may round some row counts differently, so the test allows 1e-6 of the la
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import parts, picture
+from conftest import parts, picture, saved
 from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
 
 import fluxforge as ff
@@ -25,24 +23,21 @@ COMMON = dict(max_sequence_length=32, width=32, height=32, steps=2, decode=False
 BATCHED = 1e-6  # batched against alone, relative to the latents' magnitude (about 5); measured 0 (above)
 
 
-def saved(pipe, folder: Path) -> ff.Pipeline:
-    pipe.save_pretrained(folder)
-    return ff.Pipeline.from_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def klein(tmp_path_factory):
-    return saved(Flux2KleinPipeline(**parts(), is_distilled=True), tmp_path_factory.mktemp("klein"))
+    return saved(
+        Flux2KleinPipeline(**parts(), is_distilled=True), tmp_path_factory.mktemp("klein"), ff.Pipeline
+    )[1]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return saved(Flux2KleinPipeline(**parts()), tmp_path_factory.mktemp("base"))
+    return saved(Flux2KleinPipeline(**parts()), tmp_path_factory.mktemp("base"), ff.Pipeline)[1]
 
 
 @pytest.fixture(scope="module")
 def kv(tmp_path_factory):
-    return saved(Flux2KleinKVPipeline(**parts()), tmp_path_factory.mktemp("kv"))
+    return saved(Flux2KleinKVPipeline(**parts()), tmp_path_factory.mktemp("kv"), ff.Pipeline)[1]
 
 
 def requests(**varying) -> list[ff.GenerationRequest]:

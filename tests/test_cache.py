@@ -5,11 +5,10 @@ the same rows, and within 1e-6 where only the rows a kernel sees differ (stated 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import parts, picture
+from conftest import parts, picture, saved
 from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
 
 import fluxforge as ff
@@ -18,19 +17,14 @@ from fluxforge.cache import Cache, Caches, content_hash
 COMMON = dict(max_sequence_length=32, width=32, height=32, steps=2, decode=False)
 
 
-def saved(pipe, folder: Path) -> ff.Pipeline:
-    pipe.save_pretrained(folder)
-    return ff.Pipeline.from_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return saved(Flux2KleinPipeline(**parts()), tmp_path_factory.mktemp("base"))
+    return saved(Flux2KleinPipeline(**parts()), tmp_path_factory.mktemp("base"), ff.Pipeline)[1]
 
 
 @pytest.fixture(scope="module")
 def kv(tmp_path_factory):
-    return saved(Flux2KleinKVPipeline(**parts()), tmp_path_factory.mktemp("kv"))
+    return saved(Flux2KleinKVPipeline(**parts()), tmp_path_factory.mktemp("kv"), ff.Pipeline)[1]
 
 
 def uncached(pipe: ff.Pipeline):

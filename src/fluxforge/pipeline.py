@@ -500,7 +500,9 @@ class Pipeline:
             if not pixels:
                 return None
             per_request.append(encode_references(self.vae, pixels, encode=self._image_tokens))
-        return BatchReferences.of(per_request, [p.batch for p in plans], self.device, dtype)
+        # Hashed where used: the K/V cache's key (klein KV), or one shared copy for several requests.
+        keyed = bool(self.variant.defaults.reference_kv) or len(plans) > 1
+        return BatchReferences.of(per_request, [p.batch for p in plans], self.device, dtype, keyed)
 
     def _reference_kv_key(self, refs: BatchReferences, digest: str) -> tuple:
         # the adapters change the K/V: a cached entry never crosses a LoRA change
@@ -610,24 +612,31 @@ class BatchReferences:
 
     @classmethod
     def of(
-        cls, per_request: list[ReferenceTokens], batches: list[int], device: torch.device, dtype: torch.dtype
+        cls,
+        per_request: list[ReferenceTokens],
+        batches: list[int],
+        device: torch.device,
+        dtype: torch.dtype,
+        keyed: bool = True,
     ) -> BatchReferences:
+        """`keyed` False: no digests of the contents (each request its own group, "request k")."""
         groups: dict[str, tuple[Tensor, list[int]]] = {}
+        own: list[tuple[Tensor, int]] = []  # each request's tokens, and its rows
         row = 0
         for k, (refs, batch) in enumerate(zip(per_request, batches, strict=True)):
-            digest = f"request {k}" if refs.tokens.is_meta else content_hash(refs.tokens)
-            tokens = refs.tokens.to(device, dtype)
-            groups.setdefault(digest, (tokens, []))[1].extend(range(row, row + batch))
+            digest = content_hash(refs.tokens) if keyed and not refs.tokens.is_meta else f"request {k}"
+            if digest not in groups:  # each distinct set moved and cast once
+                groups[digest] = (refs.tokens.to(device, dtype), [])
+            groups[digest][1].extend(range(row, row + batch))
+            own.append((groups[digest][0], batch))
             row += batch
         if len(groups) == 1:
-            tokens = per_request[0].tokens
+            tokens = own[0][0]
         else:
-            tokens = torch.cat(
-                [r.tokens.expand(b, -1, -1) for r, b in zip(per_request, batches, strict=True)]
-            )
+            tokens = torch.cat([t.expand(batch, -1, -1) for t, batch in own])
         ids = per_request[0].ids
-        ids_digest = "meta" if ids.is_meta else content_hash(ids)
-        return cls(tokens.to(device, dtype), ids.to(device), groups, ids_digest)
+        ids_digest = content_hash(ids) if keyed and not ids.is_meta else "unkeyed"
+        return cls(tokens, ids.to(device), groups, ids_digest)
 
     @property
     def num_tokens(self) -> int:
