@@ -3,10 +3,11 @@ their own prompts, seeds, negative prompts and images, and each gets the image i
 
 Bit for bit where the matrix products treat a row alike whatever rows are beside it. The timestep embedding
 and modulation are products of one row per image, where one row takes another kernel than several (about
-1 ulp apart, 5e-6 on these latents): each request's are computed on its own rows (`row_groups`). Each
-request's text and reference K/V are computed alone. The per-token products are row-independent in MKL for
-these shapes on AVX-512 and with the AVX2 kernels (ATEN_CPU_CAPABILITY=avx2 ...): measured 0. Other CPUs'
-kernels may round some row counts differently, so the test allows 1e-6 of the latents' magnitude."""
+1 ulp apart): each request's are computed on its own rows (`row_groups`). Each request's text and reference
+K/V are computed alone. The per-token products are row-independent in MKL for these shapes with AVX-512
+kernels (measured 0 on an Intel Xeon and an AMD EPYC), but Intel MKL's AVX2 kernels round by row count
+(ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 on the Xeon: up to 6.3e-7 of
+the latents' magnitude), so the test allows 1e-6 of it."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from fluxforge.cache import Caches
 from fluxforge.pipeline import Limits
 
 COMMON = dict(max_sequence_length=32, width=32, height=32, steps=2, decode=False)
-BATCHED = 1e-6  # batched against alone, relative to the latents' magnitude (about 5); measured 0 (above)
+BATCHED = 1e-6  # batched against alone, relative to the latents' magnitude (about 5); see above
 
 
 @pytest.fixture(scope="module")

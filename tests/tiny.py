@@ -34,8 +34,11 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torc
 def tiny_diffusers_transformer(
     guidance_embeds: bool = False, seed: int = 0, **overrides
 ) -> Flux2Transformer2DModel:
+    """std 0.1: every path visible, yet not so chaotic that a 1-ulp difference (a product whose rounding
+    depends on the rows beside it, as Intel MKL's AVX2 kernels do) grows past 1e-6 of the latents over a
+    few steps, as it did at 0.2 (4e-6); the batched-against-alone checks measure what they claim."""
     model = Flux2Transformer2DModel(**{**TINY_DIT, "guidance_embeds": guidance_embeds, **overrides})
-    return randomize_(model, seed).eval()
+    return randomize_(model, seed, std=0.1).eval()
 
 
 def grid_ids(h: int, w: int, t: int = 0) -> torch.Tensor:
