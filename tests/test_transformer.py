@@ -304,23 +304,3 @@ def test_row_groups_give_each_group_its_solo_rows():
             assert (both[rows] - alone).abs().max() <= 1e-6 * alone.abs().max()
         with pytest.raises(ValueError, match="must add up to the batch, 3"):
             ours(x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"], row_groups=[1, 1])
-
-
-def test_outputs_of_the_noisy_tokens_only():
-    """`outputs=n`: the references after the noisy tokens still join every attention, but the last block
-    computes nothing else for them (nor for the text): the noisy tokens' velocity is the one diffusers gives
-    for them, and the one of the whole image stream (bit for bit where products treat rows alike)."""
-    ref = tiny_diffusers_transformer()
-    ours = ours_from(ref)
-    x = inputs(2, refs=2)
-    args = (x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"])
-    expected = diffusers_call(ref, x)[0][:, :12]
-    with torch.no_grad():
-        got = ours(*args, outputs=12)
-        whole = ours(*args)
-        assert got.shape == (2, 12, 4)
-        assert (got - expected).abs().max() <= TOL
-        assert (got - whole[:, :12]).abs().max() <= 1e-6 * whole.abs().max()
-        for bad in (0, 25):
-            with pytest.raises(ValueError, match=r"outputs must be in 1\.\.24 \(the image tokens\)"):
-                ours(*args, outputs=bad)

@@ -130,19 +130,14 @@ def _full_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.transpose(1, 2)
 
 
-def _extract_attention(
-    n_txt: int, n_ref: int, store: list[tuple[Tensor, Tensor]], image_queries: bool = False
-) -> Attend:
+def _extract_attention(n_txt: int, n_ref: int, store: list[tuple[Tensor, Tensor]]) -> Attend:
     """Joint layout [txt, ref, img]: text and image queries see every key, reference queries only the
-    reference keys (block-causal). The reference K/V are stored for later steps. `image_queries`: q holds
-    only the image rows (the last block's, the only outputs read)."""
+    reference keys (block-causal). The reference K/V are stored for later steps."""
 
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         ref = slice(n_txt, n_txt + n_ref)
         k_ref, v_ref = k[:, ref], v[:, ref]
         store.append((k_ref.clone(), v_ref.clone()))
-        if image_queries:
-            return _full_attention(q, k, v)
         q_other = torch.cat([q[:, :n_txt], q[:, n_txt + n_ref :]], dim=1)
         out_other = _full_attention(q_other, k, v)
         out_ref = _full_attention(q[:, ref], k_ref, v_ref)
@@ -306,22 +301,12 @@ class SingleStreamAttention(nn.Module):
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
         self.to_out = nn.Linear(dim + mlp_hidden, dim, bias=False)
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend, keep: slice | None = None
-    ) -> Tensor:
-        """`keep`: the output of these rows only. Every row's keys and values join the attention, but only
-        the kept rows' queries, MLP and output projection run: each kept row gets the numbers it gets
-        among all rows (attention and products are computed row by row). The last block uses it, as
-        nothing reads its text (or reference) rows."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
         q, k, v, gate, value = self.to_qkv_mlp_proj(x).split(
             [self.dim, self.dim, self.dim, self.mlp_hidden, self.mlp_hidden], dim=-1
         )
-        if keep is not None:
-            q, gate, value, cos_q, sin_q = q[:, keep], gate[:, keep], value[:, keep], cos[keep], sin[keep]
-        else:
-            cos_q, sin_q = cos, sin
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))  # [B, S, H, Dh]
-        q, k = apply_rope(self.norm_q(q), cos_q, sin_q), apply_rope(self.norm_k(k), cos, sin)
+        q, k = apply_rope(self.norm_q(q), cos, sin), apply_rope(self.norm_k(k), cos, sin)
         out = attend(q, k, v).flatten(2)
         return self.to_out(torch.cat([out, F.silu(gate) * value], dim=-1))
 
@@ -344,15 +329,10 @@ class SingleStreamBlock(nn.Module):
             cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.mlp_hidden_dim, cfg.eps
         )
 
-    def forward(
-        self, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, attend: Attend, keep: slice | None = None
-    ) -> Tensor:
-        """`keep`: return only these rows (every row still gives its keys and values); see the attention."""
+    def forward(self, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
         shift, scale, gate = mod.chunk(3, dim=-1)
-        out = self.attn(_modulate(x, shift, scale, self.eps), cos, sin, attend, keep)
-        if keep is not None:
-            x, gate = x[:, keep], gate[:, keep] if gate.shape[1] > 1 else gate  # per-token modulation or one
-        return _clamp_fp16(x + gate * out)
+        x = x + gate * self.attn(_modulate(x, shift, scale, self.eps), cos, sin, attend)
+        return _clamp_fp16(x)
 
     def keys_values(self, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         shift, scale, _ = mod.chunk(3, dim=-1)
@@ -416,11 +396,8 @@ class Flux2Transformer(nn.Module):
         reference_kv: ReferenceKV | None = None,
         row_groups: Sequence[int] | None = None,
         prepared: Prepared | None = None,
-        outputs: int | None = None,
     ) -> Tensor:
-        """Velocity for every image-stream token, [B, S_img, C], or with `outputs` for the first `outputs`
-        of them (the noisy tokens, when references follow them in the sequence: the references still join
-        every attention, but the last block computes nothing else for them).
+        """Velocity for every image-stream token: [B, S_img, C].
 
         With `reference_kv`, the cached reference keys and values join every attention (between text and
         image keys), exactly as if the reference tokens were in the sequence. `row_groups` (row counts that
@@ -437,11 +414,9 @@ class Flux2Transformer(nn.Module):
                 f"this model has {len(self.transformer_blocks)} + {len(self.single_transformer_blocks)}: "
                 "it was extracted by another model"
             )
-        if outputs is not None and not 0 < outputs <= img.shape[1]:
-            raise ValueError(f"outputs must be in 1..{img.shape[1]} (the image tokens), got {outputs}")
         return self._run(
             img, txt, timestep, img_ids, txt_ids, guidance,
-            reference_kv=reference_kv, row_groups=row_groups, prepared=prepared, outputs=outputs,
+            reference_kv=reference_kv, row_groups=row_groups, prepared=prepared,
         )[0]  # fmt: skip
 
     def forward_extract(
@@ -536,7 +511,6 @@ class Flux2Transformer(nn.Module):
         reference_kv: ReferenceKV | None = None,
         row_groups: Sequence[int] | None = None,
         prepared: Prepared | None = None,
-        outputs: int | None = None,
     ) -> tuple[Tensor, ReferenceKV | None]:
         img_pos, txt_pos = _positions(img_ids, "img_ids"), _positions(txt_ids, "txt_ids")
         self._check_inputs(img, txt, timestep, img_pos, txt_pos)
@@ -598,38 +572,30 @@ class Flux2Transformer(nn.Module):
             attend = _attention(n_txt, num_ref, double_kv, reference_kv and reference_kv.double[i])
             img, txt = block(img, txt, mod_img, mod_txt, cos, sin, attend)
         x = torch.cat([txt, img], dim=1)  # [B, S_txt + S_img, D]
-        # The rows whose velocity is read: the noisy tokens (after the references, when they are extracted).
-        start = n_txt + num_ref
-        keep = slice(start, start + (n_img if outputs is None else outputs))
-        last = len(self.single_transformer_blocks) - 1
         for i, block in enumerate(self.single_transformer_blocks):
-            if alone and i == last:
+            if alone and i + 1 == len(self.single_transformer_blocks):
                 # Nothing reads the references' outputs: the last layer only needs their keys and values.
                 k, v = block.keys_values(x, mod_single, cos, sin)
                 single_kv.append((k, v))
                 return x[:, :0], ReferenceKV(double_kv, single_kv, num_ref)
-            # The last block computes only the kept rows' outputs; the other rows are keys and values there.
-            cached = reference_kv and reference_kv.single[i]
-            attend = _attention(n_txt, num_ref, single_kv, cached, image_queries=i == last)
-            x = block(x, mod_single, cos, sin, attend, keep if i == last else None)
-        if last < 0:  # no single blocks
-            x = x[:, keep]
-        out = self.proj_out(self.norm_out(x, grouped(self.norm_out.modulation, temb)))
+            x = block(
+                x,
+                mod_single,
+                cos,
+                sin,
+                _attention(n_txt, num_ref, single_kv, reference_kv and reference_kv.single[i]),
+            )
+        out = self.proj_out(self.norm_out(x[:, n_txt + num_ref :], grouped(self.norm_out.modulation, temb)))
         kv = ReferenceKV(double_kv, single_kv, num_ref) if num_ref else None
         return out, kv
 
 
 def _attention(
-    n_txt: int,
-    num_ref: int,
-    store: list[tuple[Tensor, Tensor]],
-    cached: tuple[Tensor, Tensor] | None,
-    image_queries: bool = False,
+    n_txt: int, num_ref: int, store: list[tuple[Tensor, Tensor]], cached: tuple[Tensor, Tensor] | None
 ) -> Attend:
-    """The attention of one layer: plain, extracting the reference K/V into `store`, or using `cached`.
-    `image_queries`: the queries are the image rows only (plain and cached attention take any rows)."""
+    """The attention of one layer: plain, extracting the reference K/V into `store`, or using `cached`."""
     if num_ref:
-        return _extract_attention(n_txt, num_ref, store, image_queries)
+        return _extract_attention(n_txt, num_ref, store)
     if cached is not None:
         return _cached_attention(n_txt, *cached)
     return _full_attention
