@@ -128,15 +128,15 @@ def main() -> None:
         row("KV, 4 cached references, new prompt",
             lambda: theirs_call(theirs["kv"], args, new_prompt(), refs),
             lambda: results.append(ours_call(kv, args, new_prompt(), refs)), args.repeats)  # fmt: skip
-        last = results[-1] if results else ours_call(kv, args, new_prompt(), refs)
-        t = last.info["timings"]
-        floor = t["text"] + t["denoise"] + t["decode"]
-        total = sum(t.values())
-        print(f"  cache counters of that call: {last.info['cache']}")
-        print(
-            f"  its floor (text {t['text']:.2f} + denoise {t['denoise']:.2f} + decode {t['decode']:.2f}) "
-            f"{floor:.2f} s; the call {total:.2f} s = floor + {total / floor - 1:.1%}"
-        )
+        if results:  # the row ran (not skipped by --only)
+            t = results[-1].info["timings"]
+            floor = t["text"] + t["denoise"] + t["decode"]
+            total = sum(t.values())
+            print(f"  cache counters of that call: {results[-1].info['cache']}")
+            print(
+                f"  its floor (text {t['text']:.2f} + denoise {t['denoise']:.2f} + decode {t['decode']:.2f}) "
+                f"{floor:.2f} s; the call {total:.2f} s = floor + {total / floor - 1:.1%}"
+            )
 
         def four_prompts(call):
             def run():
