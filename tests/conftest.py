@@ -15,6 +15,7 @@ from tiny import TINY_DIT, tiny_diffusers_transformer, tiny_diffusers_vae
 from tiny_text import qwen3_tokenizer, randomize_, tiny_qwen3_config
 from transformers import Qwen3ForCausalLM
 
+import fluxforge as ff
 from fluxforge import compat
 
 TOL = 1e-5  # fp32 parity: the largest absolute difference allowed in latents
@@ -77,6 +78,25 @@ def kv(tmp_path_factory):
     return saved(
         diffusers.Flux2KleinKVPipeline(**parts()), tmp_path_factory.mktemp("kv"), compat.Flux2KleinKVPipeline
     )
+
+
+# The same saved folders loaded as fluxforge's own Pipeline (for the batching and cache tests)
+
+
+@pytest.fixture(scope="module")
+def klein_pipeline(tmp_path_factory):
+    theirs = diffusers.Flux2KleinPipeline(**parts(), is_distilled=True)
+    return saved(theirs, tmp_path_factory.mktemp("klein"), ff.Pipeline)[1]
+
+
+@pytest.fixture(scope="module")
+def base_pipeline(tmp_path_factory):
+    return saved(diffusers.Flux2KleinPipeline(**parts()), tmp_path_factory.mktemp("base"), ff.Pipeline)[1]
+
+
+@pytest.fixture(scope="module")
+def kv_pipeline(tmp_path_factory):
+    return saved(diffusers.Flux2KleinKVPipeline(**parts()), tmp_path_factory.mktemp("kv"), ff.Pipeline)[1]
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import parts, picture, saved
-from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
+from conftest import picture
 
 import fluxforge as ff
 from fluxforge.cache import Caches
@@ -22,23 +21,6 @@ from fluxforge.pipeline import Limits
 
 COMMON = dict(max_sequence_length=32, width=32, height=32, steps=2, decode=False)
 BATCHED = 1e-6  # batched against alone, relative to the latents' magnitude (about 5); see above
-
-
-@pytest.fixture(scope="module")
-def klein(tmp_path_factory):
-    return saved(
-        Flux2KleinPipeline(**parts(), is_distilled=True), tmp_path_factory.mktemp("klein"), ff.Pipeline
-    )[1]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return saved(Flux2KleinPipeline(**parts()), tmp_path_factory.mktemp("base"), ff.Pipeline)[1]
-
-
-@pytest.fixture(scope="module")
-def kv(tmp_path_factory):
-    return saved(Flux2KleinKVPipeline(**parts()), tmp_path_factory.mktemp("kv"), ff.Pipeline)[1]
 
 
 def requests(**varying) -> list[ff.GenerationRequest]:
@@ -65,13 +47,13 @@ def assert_solo_images(pipe: ff.Pipeline, batch: list[ff.GenerationRequest]) -> 
     return results
 
 
-def test_different_references_of_the_same_sizes(klein):
+def test_different_references_of_the_same_sizes(klein_pipeline):
     refs = [[picture(48, 32, s), picture(32, 32, s + 1)] for s in (1, 3, 5)]
-    assert_solo_images(klein, requests(references=refs))
+    assert_solo_images(klein_pipeline, requests(references=refs))
 
 
-def test_klein_kv_different_references_one_kv_copy_per_distinct_set(kv):
-    pipe = ff.Pipeline(kv.components)
+def test_klein_kv_different_references_one_kv_copy_per_distinct_set(kv_pipeline):
+    pipe = ff.Pipeline(kv_pipeline.components)
     pipe.caches = Caches()
     a, b = [picture(48, 32, 1), picture(32, 32, 2)], [picture(48, 32, 3), picture(32, 32, 4)]
     results = assert_solo_images(pipe, requests(references=[a, b, a]))
@@ -82,24 +64,24 @@ def test_klein_kv_different_references_one_kv_copy_per_distinct_set(kv):
     assert again[0].info["cache"]["reference_kv"] == {"hits": 2, "misses": 0}
 
 
-def test_img2img_with_different_init_images(klein):
+def test_img2img_with_different_init_images(klein_pipeline):
     inits = [picture(32, 32, s) for s in (7, 8, 9)]
-    assert_solo_images(klein, requests(init_image=inits, strength=[0.7] * 3))
+    assert_solo_images(klein_pipeline, requests(init_image=inits, strength=[0.7] * 3))
 
 
-def test_inpainting_with_different_images_and_masks(base):
+def test_inpainting_with_different_images_and_masks(base_pipeline):
     masks = []
     for rows in (slice(0, 16), slice(16, 32), slice(8, 24)):
         mask = torch.zeros(1, 1, 32, 32)
         mask[..., rows, :] = 1
         masks.append(mask)
     inits = [picture(32, 32, s) for s in (11, 12, 13)]
-    assert_solo_images(base, requests(init_image=inits, mask=masks, guidance=[4.0] * 3))
+    assert_solo_images(base_pipeline, requests(init_image=inits, mask=masks, guidance=[4.0] * 3))
 
 
-def test_cfg_with_different_negative_prompts(base):
+def test_cfg_with_different_negative_prompts(base_pipeline):
     negatives = ["blurry", "", "low quality, jpeg artefacts"]
-    assert_solo_images(base, requests(negative_prompt=negatives, guidance=[4.0] * 3))
+    assert_solo_images(base_pipeline, requests(negative_prompt=negatives, guidance=[4.0] * 3))
 
 
 @pytest.mark.parametrize(
@@ -111,19 +93,19 @@ def test_cfg_with_different_negative_prompts(base):
         (dict(strength=0.5, init_image=picture(32, 32, 0)), "mode"),
     ],
 )
-def test_requests_that_shape_the_computation_differently_are_refused(klein, change, field):
+def test_requests_that_shape_the_computation_differently_are_refused(klein_pipeline, change, field):
     ok = ff.GenerationRequest(prompt="a fox", references=[picture(32, 32, 0)], **COMMON)
     other = ff.GenerationRequest(
         **{**dict(prompt="a cat", references=[picture(32, 32, 1)], **COMMON), **change}
     )
     with pytest.raises(ValueError, match=f"requests 0 and 1 cannot run as one batch: they differ in {field}"):
-        klein.run_batch([ok, other])
+        klein_pipeline.run_batch([ok, other])
     with pytest.raises(ValueError, match="at least one request"):
-        klein.run_batch([])
+        klein_pipeline.run_batch([])
 
 
-def test_each_request_is_checked_against_the_limits_alone(klein):
-    pipe = ff.Pipeline(klein.components)
+def test_each_request_is_checked_against_the_limits_alone(klein_pipeline):
+    pipe = ff.Pipeline(klein_pipeline.components)
     pipe.limits = Limits(max_images=2)
     batch = [ff.GenerationRequest(prompt=f"a fox {i}", seed=i, num_images=2, **COMMON) for i in range(3)]
     assert sum(len(r.seeds) for r in pipe.run_batch(batch)) == 6  # 6 images, each request within 2

@@ -6,25 +6,13 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 import torch
-from conftest import parts, picture, saved
-from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
+from conftest import picture
 
 import fluxforge as ff
 from fluxforge.cache import Cache, Caches, content_hash
 
 COMMON = dict(max_sequence_length=32, width=32, height=32, steps=2, decode=False)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return saved(Flux2KleinPipeline(**parts()), tmp_path_factory.mktemp("base"), ff.Pipeline)[1]
-
-
-@pytest.fixture(scope="module")
-def kv(tmp_path_factory):
-    return saved(Flux2KleinKVPipeline(**parts()), tmp_path_factory.mktemp("kv"), ff.Pipeline)[1]
 
 
 def uncached(pipe: ff.Pipeline):
@@ -105,8 +93,8 @@ def count_calls(monkeypatch, obj, name):
     return calls
 
 
-def test_every_mode_is_the_same_with_and_without_caches(base):
-    on, off = fresh(base), uncached(base)
+def test_every_mode_is_the_same_with_and_without_caches(base_pipeline):
+    on, off = fresh(base_pipeline), uncached(base_pipeline)
     image, ref = picture(32, 32, 1), picture(48, 32, 2)
     mask = torch.zeros(1, 1, 32, 32)
     mask[..., 8:24, 8:24] = 1
@@ -131,8 +119,8 @@ def test_every_mode_is_the_same_with_and_without_caches(base):
         assert sum(c["hits"] for c in warm.info["cache"].values()) > 0, name
 
 
-def test_a_repeated_prompt_runs_no_text_encoder(base, monkeypatch):
-    pipe = fresh(base)
+def test_a_repeated_prompt_runs_no_text_encoder(base_pipeline, monkeypatch):
+    pipe = fresh(base_pipeline)
     calls = count_calls(monkeypatch, pipe.components.text_encoder, "forward")
     first = pipe.generate("a red fox", seed=1, **COMMON)
     assert len(calls) == 2  # the prompt, and the empty negative prompt of a CFG model
@@ -144,8 +132,8 @@ def test_a_repeated_prompt_runs_no_text_encoder(base, monkeypatch):
     assert first.info["cache"]["prompts"] == {"hits": 0, "misses": 2}
 
 
-def test_inpainting_encodes_its_source_once(base, monkeypatch):
-    pipe = fresh(base)
+def test_inpainting_encodes_its_source_once(base_pipeline, monkeypatch):
+    pipe = fresh(base_pipeline)
     calls = count_calls(monkeypatch, pipe.vae, "encode")
     image = picture(32, 32, 5)
     mask = torch.zeros(1, 1, 32, 32)
@@ -154,8 +142,8 @@ def test_inpainting_encodes_its_source_once(base, monkeypatch):
     assert len(calls) == 1 and result.info["cache"]["latents"] == {"hits": 1, "misses": 1}
 
 
-def test_a_changed_image_under_the_same_name_misses(base, tmp_path):
-    pipe = fresh(base)
+def test_a_changed_image_under_the_same_name_misses(base_pipeline, tmp_path):
+    pipe = fresh(base_pipeline)
     path = tmp_path / "ref.png"
     picture(32, 32, 1).save(path)
     first = pipe.generate("a fox", references=[str(path)], seed=0, **COMMON)
@@ -168,8 +156,8 @@ def test_a_changed_image_under_the_same_name_misses(base, tmp_path):
     assert torch.equal(third.latents, second.latents)
 
 
-def test_cached_references_on_klein_kv_cost_no_encoding_and_no_reference_tokens(kv, monkeypatch):
-    pipe, off = fresh(kv), uncached(kv)
+def test_cached_references_on_klein_kv_cost_no_encoding_and_no_reference_tokens(kv_pipeline, monkeypatch):
+    pipe, off = fresh(kv_pipeline), uncached(kv_pipeline)
     refs = [picture(48, 32, 3), picture(32, 32, 4)]
     first = pipe.generate("the same, in green", references=refs, seed=2, **COMMON)
     encodes = count_calls(monkeypatch, pipe.vae, "encode")
@@ -192,10 +180,10 @@ def test_cached_references_on_klein_kv_cost_no_encoding_and_no_reference_tokens(
     assert torch.equal(second.latents, expected)
 
 
-def test_concurrent_requests_give_the_sequential_images(base):
-    pipe = fresh(base)
+def test_concurrent_requests_give_the_sequential_images(base_pipeline):
+    pipe = fresh(base_pipeline)
     requests = [dict(prompt=f"a fox {i % 3}", seed=i, references=[picture(32, 32, i % 2)]) for i in range(6)]
-    sequential = [uncached(base).generate(**r, **COMMON).latents for r in requests]
+    sequential = [uncached(base_pipeline).generate(**r, **COMMON).latents for r in requests]
     results: dict[int, torch.Tensor] = {}
 
     def run(i):
@@ -213,8 +201,8 @@ def test_concurrent_requests_give_the_sequential_images(base):
     assert again.info["cache"]["prompts"]["misses"] == 0 and again.info["cache"]["latents"]["misses"] == 0
 
 
-def test_batched_cfg_is_an_opt_in_within_its_stated_tolerance(base):
-    pipe = fresh(base)
+def test_batched_cfg_is_an_opt_in_within_its_stated_tolerance(base_pipeline):
+    pipe = fresh(base_pipeline)
     request = dict(prompt=["a fox", "a cat"], negative_prompt="blurry", guidance=4.0, num_images=2, seed=1)
     exact = pipe.generate(**request, **COMMON).latents
     pipe.batch_cfg = True

@@ -301,24 +301,24 @@ class SingleStreamAttention(nn.Module):
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
         self.to_out = nn.Linear(dim + mlp_hidden, dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
+    def _project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
+        """q and k (after QK-norm and RoPE) and v, [B, S, H, Dh], and the MLP's gate and value."""
         q, k, v, gate, value = self.to_qkv_mlp_proj(x).split(
             [self.dim, self.dim, self.dim, self.mlp_hidden, self.mlp_hidden], dim=-1
         )
-        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))  # [B, S, H, Dh]
-        q, k = apply_rope(self.norm_q(q), cos, sin), apply_rope(self.norm_k(k), cos, sin)
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
+        return apply_rope(self.norm_q(q), cos, sin), apply_rope(self.norm_k(k), cos, sin), v, gate, value
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
+        q, k, v, gate, value = self._project(x, cos, sin)
         out = attend(q, k, v).flatten(2)
         return self.to_out(torch.cat([out, F.silu(gate) * value], dim=-1))
 
     def keys_values(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """Only the k (after QK-norm and RoPE) and v that `forward` computes: what the reference K/V of the
-        last layer need, without its attention and output projection."""
-        k, v = (
-            self.to_qkv_mlp_proj(x)[..., self.dim : 3 * self.dim]
-            .unflatten(-1, (2, -1, self.head_dim))
-            .unbind(2)
-        )
-        return apply_rope(self.norm_k(k), cos, sin), v.contiguous()  # its own storage, not the projection's
+        """The k and v that `forward` computes, without its attention, MLP and output projection: what the
+        reference K/V of the last layer need."""
+        _, k, v, _, _ = self._project(x, cos, sin)
+        return k, v.contiguous()  # its own storage, not the projection's
 
 
 class SingleStreamBlock(nn.Module):

@@ -276,7 +276,7 @@ class LocalWorker:
                 stale.unlink()
         outcomes: dict[str, tuple[str, dict[str, Any]]] = {}
         try:
-            # Each job passed the limits on arrival; together they may hold more images than one request.
+            # run_batch checks each job alone against the limits: together they may hold more images.
             requests = [read_request(job, store.folder(job.id)) for job in batch]
             results = self._execute(requests, self._on_step(batch), slot.cancel)
             for job, result in zip(batch, results, strict=True):
