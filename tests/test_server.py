@@ -231,7 +231,10 @@ def test_400_with_the_python_message_and_the_endpoint_names(server, client):
 
 
 def test_422_for_bodies_that_do_not_parse(client):
-    _error(client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}), 422)
+    error = _error(
+        client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}), 422
+    )
+    assert error["param"] is None and error["message"].startswith("the body is not valid JSON (at character")
     _error(client.post("/v1/jobs", json={"prompt": PROMPT, "steps": "many"}), 422, "invalid_body", "steps")
     _error(client.post("/v1/images/generations", json={"n": 1}), 422, param="prompt")
     _error(

@@ -463,6 +463,9 @@ def create_app(
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
         param = ".".join(loc) or None
         message = f"{param + ': ' if param else ''}{first.get('msg', 'the body does not parse')}"
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            where = loc[0] if loc else "?"
+            param, message = None, f"the body is not valid JSON (at character {where}); send a JSON object"
         return JSONResponse(ApiError(422, message, "invalid_body", param).body(), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
