@@ -127,11 +127,33 @@ def test_openai_and_job_endpoints_work_unchanged(server, client, tmp_path):
     assert client.post("/v1/jobs", json={"prompt": PROMPT, "steps": 0}).json()["error"]["param"] == "steps"
 
 
-def test_requests_are_spread_over_both_replicas(client):
+def prompt_lookups(client) -> dict[str, int]:
+    """/metrics' prompt-cache hits + misses, per replica label."""
+    counts: dict[str, int] = {}
+    for line in client.get("/metrics").text.splitlines():
+        lookup = line.startswith(("fluxforge_cache_hits_total", "fluxforge_cache_misses_total"))
+        if lookup and 'cache="prompts"' in line:
+            labels, value = line.split("{", 1)[1].split("} ")
+            replica = dict(pair.split("=") for pair in labels.split(","))["replica"].strip('"')
+            counts[replica] = counts.get(replica, 0) + int(value)
+    return counts
+
+
+def test_requests_are_spread_over_both_replicas_and_each_ones_caches_are_counted(client):
+    before = prompt_lookups(client)
     ids = [submit(client, prompt=PROMPT, seed=i, steps=60) for i in range(4)]
     done = [wait_status(client, job_id, ("succeeded",)) for job_id in ids]
-    used = {job["result"]["info"]["replica"] for job in done}
-    assert len(used) == 2 and used <= {r["name"].rsplit("#", 1)[1] for r in replicas()}
+    used = [job["result"]["info"]["replica"] for job in done]
+    assert len(set(used)) == 2 and set(used) <= {r["name"].rsplit("#", 1)[1] for r in replicas()}
+    # each job's lookups (its result's counters) are counted in the caches of the replica that ran it
+    expected = dict.fromkeys(used, 0)
+    for job in done:
+        call = job["result"]["info"]["cache"]["prompts"]
+        expected[job["result"]["info"]["replica"]] += call["hits"] + call["misses"]
+    after = prompt_lookups(client)
+    assert {r: after[r] - before.get(r, 0) for r in expected} == expected and min(expected.values()) > 0
+    prompts = client.get("/v1/capabilities").json()["caches"]["prompts"]  # the replicas' sums
+    assert prompts["hits"] + prompts["misses"] == sum(after.values())
 
 
 def test_progress_streams_from_the_replica_and_cancel_reaches_it(client):
@@ -160,6 +182,11 @@ def test_killing_a_replica_mid_job_loses_nothing(client):
     done = [wait_status(client, job_id, ("succeeded", "failed"), timeout=240) for job_id in ids]
     assert [job["status"] for job in done] == ["succeeded", "succeeded"], done
     assert sorted(job["attempts"] for job in done) == [1, 2]  # the killed one ran again, once
+    time.sleep(2.5)  # past the ingress's reuse of the facts it last saw: /metrics forgets the dead replica
+    client.get("/metrics")
+    counted = set(prompt_lookups(client))
+    assert victim["name"].rsplit("#", 1)[1] not in counted
+    assert counted and counted <= {r["name"].rsplit("#", 1)[1] for r in replicas()}
 
 
 def test_a_full_queue_answers_429(client):

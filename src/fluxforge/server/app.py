@@ -907,7 +907,13 @@ def _prometheus(service: Service) -> str:
             f"fluxforge_job_seconds_sum {m.job_seconds:.6f}",
             f"fluxforge_job_seconds_count {m.jobs}",
         ]
-    caches = service.worker.model_info().get("caches", {})
+    info = service.worker.model_info()
+    # One series per cache; on Ray Serve, one per cache and replica (each replica has its own caches).
+    series = [
+        (f'cache="{cache}"' + (f',replica="{replica}"' if replica else ""), stats)
+        for replica, caches in (info.get("replica_caches") or {None: info.get("caches", {})}).items()
+        for cache, stats in caches.items()
+    ]
     for name, help_text in (
         ("hits", "Cache hits."),
         ("misses", "Cache misses."),
@@ -918,7 +924,7 @@ def _prometheus(service: Service) -> str:
         kind = "counter" if name in ("hits", "misses", "evictions") else "gauge"
         metric = f"fluxforge_cache_{name}" + ("_total" if kind == "counter" else "")
         lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
-        lines += [f'{metric}{{cache="{cache}"}} {stats[name]}' for cache, stats in caches.items()]
+        lines += [f"{metric}{{{labels}}} {stats[name]}" for labels, stats in series]
     lines += [
         "# HELP fluxforge_up 1 when the model is loaded.",
         "# TYPE fluxforge_up gauge",

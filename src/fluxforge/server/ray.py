@@ -48,13 +48,13 @@ log = logging.getLogger("fluxforge.server")
 
 APP_NAME = "fluxforge"
 _LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
-_INFO_TTL = 2.0  # s a replica's model facts (cache counters) are reused for /metrics and /v1/capabilities
+_INFO_TTL = 2.0  # s a replica's model facts are reused for /metrics and /v1/capabilities
 
 
 @serve.deployment(name="model")
 class ModelReplica:
-    """One copy of the model; `run` streams ("step", StepInfo) events, then ("results", [GenerationResult]),
-    one per request of the batch."""
+    """One copy of the model; `run` streams ("step", StepInfo) events, then ("caches", (replica id, its
+    caches' counters)) and ("results", [GenerationResult]), one per request of the batch."""
 
     def __init__(self, settings: Settings, threads: int | None = None) -> None:
         if threads:
@@ -100,28 +100,54 @@ class ModelReplica:
         for result in results:
             result.info["replica"] = self.replica
             result.latents, result.pixels = result.latents.cpu(), None  # what travels: images, seeds, info
+        yield ("caches", (self.replica, self.pipe.caches.stats()))
         yield ("results", results)
 
 
 class RayWorker(LocalWorker):
-    """The job flow of `LocalWorker`, each job run by a model replica through a Serve handle."""
+    """The job flow of `LocalWorker`, each job run by a model replica through a Serve handle.
+
+    Each replica has its own caches. Their counters come back with every run (and with the model facts
+    `describe` gives, asked of one replica at most every _INFO_TTL s); `model_info` reports their sums as
+    "caches" and each live replica's as "replica_caches" (/metrics labels a series per replica)."""
 
     def __init__(self, *args: Any, handle: DeploymentHandle, slots: int, **kwargs: Any) -> None:
         super().__init__(*args, slots=slots, **kwargs)
         self.handle = handle
         self._info: dict[str, Any] = {}
         self._info_at = 0.0
+        self._caches: dict[str, dict[str, dict[str, int]]] = {}  # replica id -> its counters, as last seen
+        self._caches_lock = threading.Lock()
 
     def model_info(self) -> dict[str, Any]:
         if self._info and time.monotonic() - self._info_at > _INFO_TTL:
+            self._info_at = time.monotonic()
             with contextlib.suppress(Exception):  # a replica busy or restarting: the facts seen last
-                self._info = self.handle.describe.remote().result(timeout_s=1.0)["info"]
-                self._info_at = time.monotonic()
-        return self._info
+                self._described(self.handle.describe.remote().result(timeout_s=1.0)["info"])
+            with contextlib.suppress(Exception):  # Ray's actor list unavailable: keep every replica seen
+                self._forget_all_but(_live_replicas())
+        with self._caches_lock:
+            per_replica = {replica: caches for replica, caches in sorted(self._caches.items())}
+        return {**self._info, "caches": _summed(per_replica.values()), "replica_caches": per_replica}
+
+    def _described(self, info: dict[str, Any]) -> None:
+        self._info = info
+        self._seen(info["replica"], info["caches"])
+
+    def _seen(self, replica: str, caches: dict[str, dict[str, int]]) -> None:
+        with self._caches_lock:
+            self._caches[replica] = caches
+
+    def _forget_all_but(self, live: set[str]) -> None:
+        """A replica that died (and the one Serve started for it) must not count twice."""
+        with self._caches_lock:
+            for replica in set(self._caches) - live:
+                del self._caches[replica]
 
     def _load_model(self) -> None:
         described = self.handle.describe.remote().result()
-        self.spec, self.facts, self._info = described["spec"], described["facts"], described["info"]
+        self.spec, self.facts = described["spec"], described["facts"]
+        self._described(described["info"])
         self._info_at = time.monotonic()
 
     def _execute(
@@ -141,6 +167,8 @@ class RayWorker(LocalWorker):
                     raise GenerationCancelled(f"cancelled after {value.step if kind == 'step' else 0} steps")
                 if kind == "step":
                     on_step(value)
+                elif kind == "caches":
+                    self._seen(*value)
                 else:
                     results = value
         except _LOST as exc:
@@ -246,6 +274,28 @@ def build(args: dict[str, str]) -> Any:
         max_ongoing_requests=int(args.get("max_ongoing_requests", 1)),
         cpus_per_replica=float(args.get("cpus_per_replica", 1)),
     )
+
+
+def _summed(replicas: Any) -> dict[str, dict[str, int]]:
+    """The replicas' cache counters added up, cache by cache and counter by counter."""
+    total: dict[str, dict[str, int]] = {}
+    for caches in replicas:
+        for name, stats in caches.items():
+            into = total.setdefault(name, dict.fromkeys(stats, 0))
+            for key, value in stats.items():
+                into[key] = into.get(key, 0) + value
+    return total
+
+
+def _live_replicas() -> set[str]:
+    """The ids of the model deployment's replicas alive now (named actors "...#model#<id>")."""
+    import ray
+
+    return {
+        actor["name"].rsplit("#", 1)[1]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if "#model#" in actor["name"]
+    }
 
 
 def _absolute(path: str | None) -> str | None:
