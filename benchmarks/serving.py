@@ -12,8 +12,10 @@ the targets are stated for a CPU without native bf16.
 The VAE (channels 32, 64, 128, 128, one resnet block per level) encodes the 4 references in 184 GFLOP, 0.37
 of the transformer's first KV step (491 GFLOP); in klein 9B KV that share is 0.056 (4.5 of 80 TFLOP,
 counted with torch's FlopCounterMode on the real configs), and in the setting issue 10 measured, 1.0 (the
-VAE 5.2 s against 5 s): --vae-layers 2 (about 2x the VAE's work) comes nearer, 0.77 of the extract step as
-timed by kv_stages.py (0.53 without). How much a cached reference saves moves with that share.
+VAE 5.2 s against 5 s). The timed share depends on the CPU (kv_stages.py measures it): 0.53 on an Intel
+Xeon with AMX, 0.28 on an AMD EPYC (Zen 5); --vae-layers N gives the VAE N resnet blocks per level, and the
+issue's share is near --vae-layers 2 to 3 on that Xeon (0.77, 1.31) and --vae-layers 4 on that EPYC (1.09).
+How much a cached reference saves moves with that share.
 
 "floor" for cached references: the unavoidable stages of that same fluxforge call, from its own timings:
 the new prompt's text encoding, the denoising steps (with the cached reference K/V) and the decode; the
