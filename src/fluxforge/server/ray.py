@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -125,9 +125,11 @@ class RayWorker(LocalWorker):
             with contextlib.suppress(Exception):  # a replica busy or restarting: the facts seen last
                 self._described(self.handle.describe.remote().result(timeout_s=1.0)["info"])
             with contextlib.suppress(Exception):  # Ray's actor list unavailable: keep every replica seen
-                self._forget_all_but(_live_replicas())
+                live = _live_replicas()
+                with self._caches_lock:  # a dead replica (and the one started for it) must not count twice
+                    self._caches = {r: caches for r, caches in self._caches.items() if r in live}
         with self._caches_lock:
-            per_replica = {replica: caches for replica, caches in sorted(self._caches.items())}
+            per_replica = dict(sorted(self._caches.items()))
         return {**self._info, "caches": _summed(per_replica.values()), "replica_caches": per_replica}
 
     def _described(self, info: dict[str, Any]) -> None:
@@ -137,12 +139,6 @@ class RayWorker(LocalWorker):
     def _seen(self, replica: str, caches: dict[str, dict[str, int]]) -> None:
         with self._caches_lock:
             self._caches[replica] = caches
-
-    def _forget_all_but(self, live: set[str]) -> None:
-        """A replica that died (and the one Serve started for it) must not count twice."""
-        with self._caches_lock:
-            for replica in set(self._caches) - live:
-                del self._caches[replica]
 
     def _load_model(self) -> None:
         described = self.handle.describe.remote().result()
@@ -276,12 +272,12 @@ def build(args: dict[str, str]) -> Any:
     )
 
 
-def _summed(replicas: Any) -> dict[str, dict[str, int]]:
+def _summed(replicas: Iterable[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
     """The replicas' cache counters added up, cache by cache and counter by counter."""
     total: dict[str, dict[str, int]] = {}
     for caches in replicas:
         for name, stats in caches.items():
-            into = total.setdefault(name, dict.fromkeys(stats, 0))
+            into = total.setdefault(name, {})
             for key, value in stats.items():
                 into[key] = into.get(key, 0) + value
     return total
