@@ -79,6 +79,7 @@ def main() -> None:
     side = int(args.tokens**0.5)
     ref_ids = torch.cat([grid_ids(side, side, t=10 * (i + 1)) for i in range(args.refs)])
     refs = torch.randn(1, ref_ids.shape[0], 128, dtype=dtype)
+    joint, joint_ids = torch.cat([img, refs], 1), torch.cat([img_ids, ref_ids])  # the references follow
 
     cases = {
         "text-to-image step": (
@@ -89,7 +90,7 @@ def main() -> None:
             lambda: ref(
                 torch.cat([img, refs], 1), txt, t, torch.cat([img_ids, ref_ids]), txt_ids, return_dict=False
             ),
-            lambda: ours(torch.cat([img, refs], 1), txt, t, torch.cat([img_ids, ref_ids]), txt_ids),
+            lambda: ours(joint, txt, t, joint_ids, txt_ids, out_tokens=img.shape[1]),
         ),
     }
     print(
@@ -109,7 +110,7 @@ def main() -> None:
             torch.cat([refs, img], 1), txt, t, torch.cat([ref_ids, img_ids]), txt_ids, ref_ids.shape[0]
         ).reference_kv
         a, b = side_by_side(
-            lambda: ours(torch.cat([img, refs], 1), txt, t, torch.cat([img_ids, ref_ids]), txt_ids),
+            lambda: ours(joint, txt, t, joint_ids, txt_ids, out_tokens=img.shape[1]),
             lambda: ours(img, txt, t, img_ids, txt_ids, reference_kv=kv),
             args.repeats,
         )

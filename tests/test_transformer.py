@@ -304,3 +304,43 @@ def test_row_groups_give_each_group_its_solo_rows():
             assert (both[rows] - alone).abs().max() <= 1e-6 * alone.abs().max()
         with pytest.raises(ValueError, match="must add up to the batch, 3"):
             ours(x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"], row_groups=[1, 1])
+
+
+def test_the_last_layer_computes_only_the_rows_returned():
+    """With references after the noisy tokens, `out_tokens` returns the noisy tokens' velocity, and the last
+    layer computes the queries, MLP and output projection of those rows only: the same as the whole layer's
+    rows (within 1e-6 of them: the products see fewer rows; bit for bit where the CPU's kernels round rows
+    alike) and within 1e-5 of diffusers. A hook on the fused projection (an unfused LoRA) still applies."""
+    ref = tiny_diffusers_transformer()
+    ours = ours_from(ref)
+    x = inputs(2, refs=2)
+    args = (x["img"], x["txt"], x["timestep"], x["img_ids"], x["txt_ids"])
+    block = ours.single_transformer_blocks[-1]
+    seen: list[int] = []
+    with torch.no_grad():
+        expected = diffusers_call(ref, x)[0][:, :12]
+        got = ours(*args, out_tokens=12)
+        assert got.shape == (2, 12, 4) and (got - expected).abs().max() <= TOL
+
+        # the whole last layer, then its rows: what forward_rows replaces
+        def whole(x, mod, cos, sin, attend, rows):
+            seen.append(x.shape[1])
+            return type(block).forward(block, x, mod, cos, sin, attend)[:, rows]
+
+        block.forward_rows = whole
+        full = ours(*args, out_tokens=12)
+        del block.forward_rows
+        assert seen == [7 + 12 + 2 * 6]  # the last layer saw text, noisy and reference tokens
+        assert (got - full).abs().max() <= 1e-6 * full.abs().max()
+
+        handle = block.attn.to_qkv_mlp_proj.register_forward_hook(lambda m, i, out: out * 1.5)
+        hooked = ours(*args, out_tokens=12)
+        block.forward_rows = whole
+        hooked_full = ours(*args, out_tokens=12)
+        del block.forward_rows
+        handle.remove()
+        assert (hooked - got).abs().max() > 1e-3  # the hook changed the result...
+        assert (hooked - hooked_full).abs().max() <= 1e-6 * hooked_full.abs().max()  # ...as it does whole
+        for bad in (0, 13 + 12):
+            with pytest.raises(ValueError, match=r"out_tokens must be in 1\.\.24 \(the image-stream"):
+                ours(*args, out_tokens=bad)

@@ -572,7 +572,7 @@ class Pipeline:
             if not in_sequence:
                 return model(x, txt.embeds, t, ids, txt.ids, g, **common)
             joint = torch.cat([x, refs.rows(x.shape[0])], 1)
-            return model(joint, txt.embeds, t, ids, txt.ids, g, **common)[:, :n_img]  # the references follow
+            return model(joint, txt.embeds, t, ids, txt.ids, g, out_tokens=n_img, **common)  # refs follow
 
         def velocity(x: Tensor, t: Tensor, step: int) -> Tensor:
             if "both" in texts:

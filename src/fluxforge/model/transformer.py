@@ -320,6 +320,23 @@ class SingleStreamAttention(nn.Module):
         _, k, v, _, _ = self._project(x, cos, sin)
         return k, v.contiguous()  # its own storage, not the projection's
 
+    def forward_rows(self, x: Tensor, rows: slice, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
+        """`forward`'s output for the tokens `rows` only: the keys and values of every token, but the
+        queries, the MLP and the output projection of those rows alone (the same products, row for row)."""
+        proj = self.to_qkv_mlp_proj
+        d = self.dim
+        if proj._forward_hooks or proj._forward_pre_hooks:  # unfused LoRA: the layer as a whole
+            q, k, v, gate, value = proj(x).split([d, d, d, self.mlp_hidden, self.mlp_hidden], dim=-1)
+            q, gate, value = q[:, rows], gate[:, rows], value[:, rows]
+        else:  # the weight's row blocks: keys and values for all tokens, the rest for `rows`
+            k, v = F.linear(x, proj.weight[d : 3 * d]).split([d, d], dim=-1)
+            q = F.linear(x[:, rows], proj.weight[:d])
+            gate, value = F.linear(x[:, rows], proj.weight[3 * d :]).split(self.mlp_hidden, dim=-1)
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
+        q = apply_rope(self.norm_q(q), cos[rows], sin[rows])
+        out = attend(q, apply_rope(self.norm_k(k), cos, sin), v).flatten(2)
+        return self.to_out(torch.cat([out, F.silu(gate) * value], dim=-1))
+
 
 class SingleStreamBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -337,6 +354,17 @@ class SingleStreamBlock(nn.Module):
     def keys_values(self, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         shift, scale, _ = mod.chunk(3, dim=-1)
         return self.attn.keys_values(_modulate(x, shift, scale, self.eps), cos, sin)
+
+    def forward_rows(
+        self, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, attend: Attend, rows: slice
+    ) -> Tensor:
+        """`forward(...)[:, rows]`, without the work for the other tokens' outputs (their keys and values
+        are still computed: the rows attend to them)."""
+        shift, scale, gate = mod.chunk(3, dim=-1)
+        if gate.shape[1] != 1:  # per-token modulation
+            gate = gate[:, rows]
+        out = self.attn.forward_rows(_modulate(x, shift, scale, self.eps), rows, cos, sin, attend)
+        return _clamp_fp16(x[:, rows] + gate * out)
 
 
 class OutputNorm(nn.Module):
@@ -396,8 +424,10 @@ class Flux2Transformer(nn.Module):
         reference_kv: ReferenceKV | None = None,
         row_groups: Sequence[int] | None = None,
         prepared: Prepared | None = None,
+        out_tokens: int | None = None,
     ) -> Tensor:
-        """Velocity for every image-stream token: [B, S_img, C].
+        """Velocity for every image-stream token, [B, S_img, C], or for the first `out_tokens` of them (the
+        noisy tokens, when references follow them in the sequence): the last layer then computes only those.
 
         With `reference_kv`, the cached reference keys and values join every attention (between text and
         image keys), exactly as if the reference tokens were in the sequence. `row_groups` (row counts that
@@ -416,7 +446,7 @@ class Flux2Transformer(nn.Module):
             )
         return self._run(
             img, txt, timestep, img_ids, txt_ids, guidance,
-            reference_kv=reference_kv, row_groups=row_groups, prepared=prepared,
+            reference_kv=reference_kv, row_groups=row_groups, prepared=prepared, out_tokens=out_tokens,
         )[0]  # fmt: skip
 
     def forward_extract(
@@ -511,11 +541,14 @@ class Flux2Transformer(nn.Module):
         reference_kv: ReferenceKV | None = None,
         row_groups: Sequence[int] | None = None,
         prepared: Prepared | None = None,
+        out_tokens: int | None = None,
     ) -> tuple[Tensor, ReferenceKV | None]:
         img_pos, txt_pos = _positions(img_ids, "img_ids"), _positions(txt_ids, "txt_ids")
         self._check_inputs(img, txt, timestep, img_pos, txt_pos)
         img, txt = img.to(self.dtype), txt.to(self.dtype)
         n_txt, n_img = txt.shape[1], img.shape[1] - num_ref
+        if out_tokens is not None and not 0 < out_tokens <= n_img:
+            raise ValueError(f"out_tokens must be in 1..{n_img} (the image-stream tokens), got {out_tokens}")
         # Cast before x1000, as the reference does (this quantizes t and g in bf16). [B], [1] or a scalar.
         t = timestep.to(img.dtype).reshape(-1) * 1000
         g = guidance.to(img.dtype).reshape(-1) * 1000 if guidance is not None else None
@@ -572,20 +605,23 @@ class Flux2Transformer(nn.Module):
             attend = _attention(n_txt, num_ref, double_kv, reference_kv and reference_kv.double[i])
             img, txt = block(img, txt, mod_img, mod_txt, cos, sin, attend)
         x = torch.cat([txt, img], dim=1)  # [B, S_txt + S_img, D]
+        start = n_txt + num_ref
+        wanted = slice(start, start + (n_img if out_tokens is None else out_tokens))  # the rows returned
+        last = len(self.single_transformer_blocks) - 1
         for i, block in enumerate(self.single_transformer_blocks):
-            if alone and i + 1 == len(self.single_transformer_blocks):
+            if alone and i == last:
                 # Nothing reads the references' outputs: the last layer only needs their keys and values.
                 k, v = block.keys_values(x, mod_single, cos, sin)
                 single_kv.append((k, v))
                 return x[:, :0], ReferenceKV(double_kv, single_kv, num_ref)
-            x = block(
-                x,
-                mod_single,
-                cos,
-                sin,
-                _attention(n_txt, num_ref, single_kv, reference_kv and reference_kv.single[i]),
-            )
-        out = self.proj_out(self.norm_out(x[:, n_txt + num_ref :], grouped(self.norm_out.modulation, temb)))
+            attend = _attention(n_txt, num_ref, single_kv, reference_kv and reference_kv.single[i])
+            if i == last and not num_ref:
+                # Nor does anything read the text tokens' outputs, or those of references that follow the
+                # noisy tokens: the last layer computes the rows returned, attending to every token.
+                x, wanted = block.forward_rows(x, mod_single, cos, sin, attend, wanted), slice(None)
+            else:
+                x = block(x, mod_single, cos, sin, attend)
+        out = self.proj_out(self.norm_out(x[:, wanted], grouped(self.norm_out.modulation, temb)))
         kv = ReferenceKV(double_kv, single_kv, num_ref) if num_ref else None
         return out, kv
 
