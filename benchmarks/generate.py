@@ -7,8 +7,9 @@ factor (4 levels) and 32 latent channels, a Qwen3 text encoder read at three lay
 built with diffusers, saved as a klein and as a klein KV folder (the same weights), and both libraries load
 it from disk. Each case times a whole call, prompt to PIL image, the two alternating (medians), after
 checking that both give the same image for the same seed: the final latents before the VAE and the decoded
-pixels. fluxforge's caches are emptied before each of its calls, so that every call does all its work. In bf16 the latents are equal and the pixels differ by the rounding of fluxforge's channels-last
-VAE; --dtype float32 is the exact mode.
+pixels. fluxforge's caches are emptied before each of its calls, so that every call does all its work. In
+bf16 the latents are equal and the pixels differ by the rounding of fluxforge's channels-last VAE; --dtype
+float32 is the exact mode.
 
 The text encoder's vocabulary is cut to the byte tokenizer's size: diffusers computes the LM head and
 fluxforge does not, and at this width a 151936-row head would dwarf everything else and flatter fluxforge.
