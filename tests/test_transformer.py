@@ -234,8 +234,8 @@ def test_half_precision_matches_diffusers_bit_for_bit(guidance_embeds, dtype):
     clamping of the text and single streams): the outputs are identical, not merely close. This holds on every
     CPU with the whole last layer: both sides call the same matmul and attention kernels on tensors of the
     same shapes and layouts, so whichever kernel the CPU gets (AVX2, AVX-512, AMX), it is the same one for
-    both. The model's own last layer computes fewer rows, which kernels may round otherwise: within one
-    rounding of the half-precision result (bit for bit on an AMD EPYC, natively and with AVX2 kernels)."""
+    both. The model's own last layer computes fewer rows, which kernels may round otherwise: within a few
+    roundings of the half-precision result (bit for bit on an AMD EPYC, natively and with AVX2 kernels)."""
     ref = tiny_diffusers_transformer(guidance_embeds).to(dtype)
     ours = ours_from(ref)
     x = inputs(2, refs=1)
@@ -250,7 +250,7 @@ def test_half_precision_matches_diffusers_bit_for_bit(guidance_embeds, dtype):
     assert got.dtype == whole.dtype == dtype
     assert torch.equal(whole, expected)
     eps = torch.finfo(dtype).eps
-    assert ((got.float() - expected.float()).abs() <= eps * expected.float().abs().clamp_min(1)).all()
+    assert ((got.float() - expected.float()).abs() <= 4 * eps * expected.float().abs().clamp_min(1)).all()
 
 
 def test_reference_kv_from_another_model_is_rejected():
