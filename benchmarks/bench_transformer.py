@@ -87,9 +87,7 @@ def main() -> None:
             lambda: ours(img, txt, t, img_ids, txt_ids),
         ),
         f"step with {args.refs} reference(s)": (
-            lambda: ref(
-                torch.cat([img, refs], 1), txt, t, torch.cat([img_ids, ref_ids]), txt_ids, return_dict=False
-            ),
+            lambda: ref(joint, txt, t, joint_ids, txt_ids, return_dict=False),
             lambda: ours(joint, txt, t, joint_ids, txt_ids, out_tokens=img.shape[1]),
         ),
     }

@@ -311,8 +311,10 @@ class SingleStreamAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
         q, k, v, gate, value = self._project(x, cos, sin)
-        out = attend(q, k, v).flatten(2)
-        return self.to_out(torch.cat([out, F.silu(gate) * value], dim=-1))
+        return self._output(attend(q, k, v), gate, value)
+
+    def _output(self, attended: Tensor, gate: Tensor, value: Tensor) -> Tensor:
+        return self.to_out(torch.cat([attended.flatten(2), F.silu(gate) * value], dim=-1))
 
     def keys_values(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """The k and v that `forward` computes, without its attention, MLP and output projection: what the
@@ -323,19 +325,17 @@ class SingleStreamAttention(nn.Module):
     def forward_rows(self, x: Tensor, rows: slice, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
         """`forward`'s output for the tokens `rows` only: the keys and values of every token, but the
         queries, the MLP and the output projection of those rows alone (the same products, row for row)."""
-        proj = self.to_qkv_mlp_proj
-        d = self.dim
-        if proj._forward_hooks or proj._forward_pre_hooks:  # unfused LoRA: the layer as a whole
-            q, k, v, gate, value = proj(x).split([d, d, d, self.mlp_hidden, self.mlp_hidden], dim=-1)
+        proj, d = self.to_qkv_mlp_proj, self.dim
+        if proj._forward_hooks or proj._forward_pre_hooks:  # unfused LoRA: the projection as a whole
+            q, k, v, gate, value = self._project(x, cos, sin)
             q, gate, value = q[:, rows], gate[:, rows], value[:, rows]
         else:  # the weight's row blocks: keys and values for all tokens, the rest for `rows`
-            k, v = F.linear(x, proj.weight[d : 3 * d]).split([d, d], dim=-1)
+            k, v = F.linear(x, proj.weight[d : 3 * d]).split(d, dim=-1)
             q = F.linear(x[:, rows], proj.weight[:d])
             gate, value = F.linear(x[:, rows], proj.weight[3 * d :]).split(self.mlp_hidden, dim=-1)
-        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
-        q = apply_rope(self.norm_q(q), cos[rows], sin[rows])
-        out = attend(q, apply_rope(self.norm_k(k), cos, sin), v).flatten(2)
-        return self.to_out(torch.cat([out, F.silu(gate) * value], dim=-1))
+            q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
+            q, k = apply_rope(self.norm_q(q), cos[rows], sin[rows]), apply_rope(self.norm_k(k), cos, sin)
+        return self._output(attend(q, k, v), gate, value)
 
 
 class SingleStreamBlock(nn.Module):
@@ -359,10 +359,8 @@ class SingleStreamBlock(nn.Module):
         self, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, attend: Attend, rows: slice
     ) -> Tensor:
         """`forward(...)[:, rows]`, without the work for the other tokens' outputs (their keys and values
-        are still computed: the rows attend to them)."""
+        are still computed: the rows attend to them). `mod`: one modulation per row, [B, 1, 3D]."""
         shift, scale, gate = mod.chunk(3, dim=-1)
-        if gate.shape[1] != 1:  # per-token modulation
-            gate = gate[:, rows]
         out = self.attn.forward_rows(_modulate(x, shift, scale, self.eps), rows, cos, sin, attend)
         return _clamp_fp16(x[:, rows] + gate * out)
 
